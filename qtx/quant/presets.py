@@ -1,0 +1,253 @@
+"""Each paper's quantization setup as a preset of rules, and the config -> plan path.
+
+Point names follow the model convention documented in ``docs/quantization_points.md``
+(``embed/word/weight``, ``layer_3/attn/softmax``, ``layer_3/ffn/out``, ...).
+
+Presets:
+
+* ``w8a8_all`` (Quantizable Transformers): per-tensor everything. Weights symmetric on
+  ``[-128, 127]`` (``current_minmax``, or ``mse`` for OPT); every activation asymmetric on
+  ``[0, 255]``, running min-max with momentum 0.9 (or the 99.999 percentile). Gates, the LM
+  head and the final logits stay in full precision.
+* ``os_fastertransformer`` (Outlier Suppression): W-E-A bits; weights symmetric per output
+  channel, embeddings at E bits; activations asymmetric per tensor at the FasterTransformer
+  positions only (embedding LN, Q/K/V, softmax, context, attention LN, GELU, FFN LN, pooler
+  in/out, classifier input). Dense outputs, scores and logits stay in full precision.
+* ``qv_lsq`` (Quantization Variation): LSQ per module. Linear weights symmetric LSQ at W bits
+  (iterative init, ``1/sqrt(Qp ||W||_1)`` gradient scale); patch embedding, embeddings and
+  classifier at 8 bits; activations LSQ at A bits: attention input, q, k, v, softmax
+  (unsigned), context, FFN input, GELU output (unsigned with a learnable offset, LSQ+).
+
+Setups are named by strings: a bit shortcut (``"W8A8"``, ``"W6A6E6"``, ``"W4A4"``), a preset
+(``"qv_lsq"``) or both (``"os_fastertransformer:W4A4E4"``). A bare shortcut uses ``w8a8_all``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from qtx.quant.rules import QuantPlan, rule, rule_from_dict
+
+_EXCLUDE_HEADS = r"(^|/)(lm_head|mlm_head)/|(^|/)logits$|/logits$"
+_LN_WEIGHT = r"(^|/)(\w+_)?ln/weight$"
+
+
+def parse_bits(s: str) -> dict[str, int]:
+    """``"W6A6E6"`` -> ``{"w": 6, "a": 6, "e": 6}``; without E, ``e`` is None (preset default)."""
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)(?:[Ee](\d+))?", s.strip())
+    if not m:
+        raise ValueError(
+            f"quantization bits {s!r} are invalid; allowed: 'W<bits>A<bits>' or "
+            "'W<bits>A<bits>E<bits>', e.g. 'W8A8', 'W6A6E6', 'W4A4'."
+        )
+    w, a = int(m.group(1)), int(m.group(2))
+    return {"w": w, "a": a, "e": int(m.group(3)) if m.group(3) else None}
+
+
+def w8a8_all(
+    w=8,
+    a=8,
+    e=None,
+    weight_estimator="current_minmax",
+    act_estimator="running_minmax",
+    momentum=0.9,
+    percentile=99.999,
+):
+    """Quantizable Transformers' W8A8: every activation, per tensor (see module docstring)."""
+    e = w if e is None else e
+    act = dict(
+        bits=a,
+        scheme="asymmetric",
+        estimator=act_estimator,
+        momentum=momentum,
+        percentile=percentile,
+    )
+    return (
+        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+        rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
+        rule(
+            r"(^|/)embed/",
+            "weight",
+            "embedding weights",
+            bits=e,
+            scheme="symmetric",
+            estimator=weight_estimator,
+        ),
+        rule(r".", "weight", "weights", bits=w, scheme="symmetric", estimator=weight_estimator),
+        rule(r".", "act", "activations", **act),
+    )
+
+
+OS_ACT_POINTS = (
+    r"(^|/)embed/ln/out$",
+    r"(^|/)attn/(q|k|v)$",
+    r"(^|/)attn/softmax$",
+    r"(^|/)attn/context$",
+    r"(^|/)attn_ln/out$",
+    r"(^|/)ffn/act$",
+    r"(^|/)ffn_ln/out$",
+    r"(^|/)pooler/(in|out)$",
+    r"(^|/)classifier/in$",
+)
+
+
+def os_fastertransformer(
+    w=8, a=8, e=None, act_estimator="minmax", accumulate="mean", percentile=99.999
+):
+    """Outlier Suppression's FasterTransformer placement at W-E-A bits."""
+    e = w if e is None else e
+    act = dict(
+        bits=a,
+        scheme="asymmetric",
+        estimator=act_estimator,
+        accumulate=accumulate,
+        percentile=percentile,
+    )
+    return (
+        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+        rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
+        rule(
+            r"(^|/)embed/",
+            "weight",
+            "embedding weights",
+            bits=e,
+            scheme="symmetric",
+            granularity="channel",
+            estimator="current_minmax",
+        ),
+        rule(
+            r".",
+            "weight",
+            "linear weights",
+            bits=w,
+            scheme="symmetric",
+            granularity="channel",
+            estimator="current_minmax",
+        ),
+        rule(
+            r"(^|/)attn/softmax$",
+            "act",
+            "attention probabilities",
+            bits=a,
+            scheme="asymmetric",
+            estimator="minmax",
+            accumulate=accumulate,
+        ),
+        rule("|".join(OS_ACT_POINTS), "act", "FasterTransformer activations", **act),
+        rule(r".", "act", "other activations stay FP", off=True),
+    )
+
+
+def qv_lsq(w=4, a=4, e=None, per_head=False):
+    """Quantization Variation's module-dependent LSQ at W/A bits.
+
+    ``e`` (default 8) is the width of the patch embedding, embeddings, classifier weights and
+    classifier input; ``per_head`` gives q, k, v, softmax and context one step per head.
+    """
+    e = 8 if e is None else e
+    wq = dict(
+        scheme="symmetric",
+        learn="lsq",
+        estimator="iterative",
+        grad_scale="weight_l1",
+        min_scale=1e-4,
+    )
+    aq = dict(bits=a, learn="lsq", estimator="lsq_init", grad_scale="act_qv", min_scale=1e-4)
+    head = dict(granularity="head") if per_head else {}
+    return (
+        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+        rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
+        rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
+        rule(
+            r"(^|/)embed/position/|(^|/)embed/cls|(^|/)embed/dist",
+            "weight",
+            "positions and class tokens stay FP",
+            off=True,
+        ),
+        rule(
+            r"(^|/)embed/|(^|/)(classifier|dist_classifier)/",
+            "weight",
+            "patch embedding, embeddings and classifier at E bits",
+            bits=e,
+            **wq,
+        ),
+        rule(
+            r"(^|/)attn/(q|k|v|o|qkv)_proj/weight$|(^|/)ffn/fc[12]/weight$",
+            "weight",
+            "attention and FFN weights",
+            bits=w,
+            **wq,
+        ),
+        rule(r"(^|/)attn_ln/out$", "act", "attention input", scheme="symmetric", **aq),
+        rule(r"(^|/)attn/(q|k|v)$", "act", "q, k, v", scheme="symmetric", **aq, **head),
+        rule(
+            r"(^|/)attn/softmax$", "act", "attention probabilities", scheme="unsigned", **aq, **head
+        ),
+        rule(r"(^|/)attn/context$", "act", "attention output", scheme="symmetric", **aq, **head),
+        rule(r"(^|/)ffn_ln/out$", "act", "FFN input", scheme="symmetric", **aq),
+        rule(r"(^|/)ffn/act$", "act", "GELU output", scheme="unsigned", **{**aq, "learn": "lsq+"}),
+        rule(
+            r"(^|/)classifier/in$",
+            "act",
+            "classifier input",
+            scheme="symmetric",
+            **{**aq, "bits": e},
+        ),
+        rule(r".", label="everything else stays FP", off=True),
+    )
+
+
+PRESETS = {
+    "w8a8_all": w8a8_all,
+    "os_fastertransformer": os_fastertransformer,
+    "qv_lsq": qv_lsq,
+}
+
+
+def preset_rules(name: str, bits: str | Mapping | None = None, **options):
+    """Rules of preset ``name`` at ``bits`` (a shortcut string or ``{"w", "a", "e"}``)."""
+    if name not in PRESETS:
+        raise ValueError(f"quantization preset {name!r} is unknown; allowed: {', '.join(PRESETS)}.")
+    b = parse_bits(bits) if isinstance(bits, str) else dict(bits or {})
+    return PRESETS[name](**b, **options)
+
+
+def setup_rules(setup: str, **options):
+    """Rules for a setup string: ``"W8A8"``, ``"qv_lsq"``, ``"os_fastertransformer:W6A6E6"``."""
+    name, _, bits = setup.partition(":")
+    if name in PRESETS:
+        return preset_rules(name, bits or None, **options)
+    if bits:
+        raise ValueError(
+            f"quantization setup {setup!r} is invalid; allowed: '<preset>[:<bits>]' with preset "
+            f"in {', '.join(PRESETS)}, or a bit shortcut such as 'W8A8'."
+        )
+    return preset_rules("w8a8_all", name, **options)
+
+
+def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
+    """A plan from a config block (``config.quant``)::
+
+    preset: 'w8a8_all' | 'os_fastertransformer' | 'qv_lsq' | 'none'
+    bits: 'W8A8'            # shortcut; E defaults to W
+    options: {...}          # keyword options of the preset
+    rules: [{pattern, kind, off, <QuantSpec fields>}, ...]  # before the preset's rules
+    mode: 'off' | 'calibrate' | 'quantize' | 'learn'
+    track: [patterns]       # points whose outlier statistics are sown
+    """
+    cfg = dict(cfg or {})
+    known = {"preset", "bits", "options", "rules", "mode", "track"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"config.quant has unknown field(s) {unknown}; allowed: {sorted(known)}.")
+    extra = tuple(rule_from_dict(r) for r in (cfg.get("rules") or ()))
+    preset = cfg.get("preset") or "none"
+    base = ()
+    if preset != "none":
+        base = preset_rules(preset, cfg.get("bits") or None, **dict(cfg.get("options") or {}))
+    return QuantPlan(
+        rules=extra + tuple(base),
+        mode=mode or cfg.get("mode") or "off",
+        track=tuple(cfg.get("track") or ()),
+    )

@@ -1,0 +1,152 @@
+"""Fake-quantization primitives with straight-through gradients (``jax.custom_vjp``).
+
+Every op here is quantize-dequantize ("fake quant"): outputs stay floating point but lie on
+the quantization grid. The uniform grid with integer bounds ``qmin..qmax``, step ``s`` and
+offset ``beta`` is::
+
+    v     = (x - beta) / s
+    x_hat = clip(round(v), qmin, qmax) * s + beta
+
+A frozen asymmetric quantizer with integer zero point ``z`` is the case ``beta = 0`` on the
+shifted grid ``qmin - z .. qmax - z`` (``(clip(round(x/s) + z, qmin, qmax) - z) * s``; adding
+``z`` after rounding keeps 16-bit grids exact in float32); symmetric and unsigned quantizers
+have ``beta = 0`` and no shift. The bounds may be traced arrays broadcastable to ``x``.
+
+Gradients (``inside`` means ``qmin <= v <= qmax``, i.e. clamp-then-round as in LSQ):
+
+* ``d x_hat / d x    = 1`` inside, ``0`` outside (clipped straight-through estimator);
+* ``d x_hat / d s    = round(v) - v`` inside, ``qmin`` or ``qmax`` at the clip (LSQ);
+* ``d x_hat / d beta = 0`` inside, ``1`` at the clip (LSQ+; equals ``-s`` per unit of ``z``).
+
+The step and offset gradients are multiplied by the gradient scale ``g`` (LSQ's
+``1/sqrt(N * Qp)`` or any other choice, see :func:`grad_scale_value`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "round_ste",
+    "uniform_quant",
+    "binary_quant",
+    "grid_bounds",
+    "sum_to_shape",
+    "grad_scale_value",
+]
+
+
+@jax.custom_vjp
+def round_ste(x):
+    """round(x) forward, identity gradient."""
+    return jnp.round(x)
+
+
+round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def grid_bounds(bits: int, scheme: str) -> tuple[int, int]:
+    """Integer grid of a scheme: symmetric ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``."""
+    if scheme == "symmetric":
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums a broadcast cotangent ``x`` back to ``shape`` (the inverse of broadcasting)."""
+    if x.shape == tuple(shape):
+        return x
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead > 0 else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+@jax.custom_vjp
+def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
+    """Uniform fake quant ``clip(round((x - offset)/scale), qmin, qmax) * scale + offset``.
+
+    Args:
+      x: any shape.
+      scale, offset: broadcastable to ``x`` (scalar, or keepdims shape for per-channel/group).
+      qmin, qmax: integer-valued grid bounds, Python numbers or arrays broadcastable to ``x``
+        (no gradient).
+      grad_scale: scalar multiplier of the ``scale``/``offset`` gradients.
+    """
+    v = (x - offset) / scale
+    return jnp.clip(jnp.round(v), qmin, qmax) * scale + offset
+
+
+def _uniform_fwd(x, scale, offset, qmin, qmax, grad_scale):
+    v = (x - offset) / scale
+    q = jnp.clip(jnp.round(v), qmin, qmax)
+    return q * scale + offset, (v, q, scale, offset, qmin, qmax, grad_scale)
+
+
+def _uniform_bwd(res, ct):
+    v, q, scale, offset, qmin, qmax, grad_scale = res
+    inside = (v >= qmin) & (v <= qmax)
+    dx = jnp.where(inside, ct, jnp.zeros_like(ct))
+    g = grad_scale.astype(ct.dtype)
+    dscale = sum_to_shape(ct * jnp.where(inside, q - v, q) * g, jnp.shape(scale))
+    doffset = sum_to_shape(jnp.where(inside, jnp.zeros_like(ct), ct) * g, jnp.shape(offset))
+    return (
+        dx,
+        dscale.astype(jnp.result_type(scale)),
+        doffset.astype(jnp.result_type(offset)),
+        jnp.zeros_like(qmin),
+        jnp.zeros_like(qmax),
+        jnp.zeros_like(grad_scale),
+    )
+
+
+uniform_quant.defvjp(_uniform_fwd, _uniform_bwd)
+
+
+@jax.custom_vjp
+def binary_quant(x, alpha):
+    """1-bit quant ``sign(x) * alpha`` (``sign(0) = +1``), STE through ``clip(x, -1, 1)``.
+
+    ``alpha`` (usually ``mean|x|`` per tensor or channel, broadcastable to ``x``) gets no
+    gradient: ``d/dx = 1`` where ``|x| <= 1``, else ``0``.
+    """
+    return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype) * alpha
+
+
+def _binary_fwd(x, alpha):
+    return binary_quant(x, alpha), (x, alpha)
+
+
+def _binary_bwd(res, ct):
+    x, alpha = res
+    return jnp.where(jnp.abs(x) <= 1, ct, jnp.zeros_like(ct)), jnp.zeros_like(alpha)
+
+
+binary_quant.defvjp(_binary_fwd, _binary_bwd)
+
+
+def grad_scale_value(kind, x: jax.Array, num_scales: int, qmax: int) -> jax.Array:
+    """Gradient scale ``g`` for a learnable step.
+
+    ``N`` is the number of elements sharing one step (``x.size / num_scales``).
+
+    * ``"lsq"``: ``1 / sqrt(N * Qp)`` (LSQ);
+    * ``"weight_l1"``: ``1 / sqrt(Qp * ||W||_1)`` (Quantization Variation, weights);
+    * ``"act_qv"``: ``1 / (Qp * sqrt(N))`` (Quantization Variation, activations);
+    * ``"none"``: ``1``; a number: that number.
+    """
+    n = max(x.size // max(num_scales, 1), 1)
+    qp = max(qmax, 1)
+    if kind == "lsq":
+        return jnp.asarray(1.0 / math.sqrt(n * qp), jnp.float32)
+    if kind == "act_qv":
+        return jnp.asarray(1.0 / (qp * math.sqrt(n)), jnp.float32)
+    if kind == "weight_l1":
+        l1 = jnp.sum(jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)) / max(num_scales, 1)
+        return jax.lax.rsqrt(qp * jnp.maximum(l1, 1e-12))
+    if kind == "none":
+        return jnp.asarray(1.0, jnp.float32)
+    return jnp.asarray(float(kind), jnp.float32)

@@ -1,0 +1,188 @@
+"""The named quantization point: one Flax Linen module for weights and activations.
+
+A :class:`QuantPoint` is placed wherever a paper quantizes. Its name is its module path
+(``layer_3/attn/softmax``); the model's :class:`~qtx.quant.rules.QuantPlan` gives it a spec and
+a mode:
+
+* ``off``: identity;
+* ``calibrate``: identity, while the batch range is accumulated into the ``quant_stats``
+  collection (``lo``, ``hi``, ``count``, ``nonfinite``; learnable points also store the
+  ``learn_scale``/``learn_offset`` their range implies). Use ``mutable=['quant_stats']``;
+* ``quantize``: fake quant with frozen ranges (from ``quant_stats``, or recomputed each call
+  for dynamic estimators); learnable points use their parameters with stopped gradients;
+* ``learn``: as ``quantize``, but LSQ/LSQ+ steps and offsets in ``params`` get gradients.
+
+Learnable points always declare ``params/<name>/scale`` (and ``offset`` for LSQ+), in every
+mode but ``off``, so the variable tree does not depend on the mode.
+
+Points also answer two questions without touching the data: which points exist
+(:func:`list_points`: a pass with the ``quant_points`` collection mutable records every point
+and quantizes nothing) and, for the plan's tracked points, the per-sequence outlier
+statistics (sown into ``intermediates``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from qtx.quant import estimators
+from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
+from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
+from qtx.quant.ranges import fake_quant_range, from_view, learnable_init, make_view, reduce, to_view
+from qtx.quant.rules import QuantPlan
+from qtx.quant.spec import QuantSpec
+
+STATS = "quant_stats"
+POINTS = "quant_points"
+OBSERVED = "intermediates"
+
+
+class QuantPoint(nn.Module):
+    """A named quantization point. ``x`` any shape -> same shape and dtype.
+
+    Attributes:
+      plan: the model's rules and mode.
+      kind: ``act`` or ``weight``.
+      channel_axis: default axis of per-channel granularity (weights: the output axis).
+      head_axis: the head axis of attention tensors, for ``granularity='head'``.
+    """
+
+    plan: QuantPlan = QuantPlan()
+    kind: str = "act"
+    channel_axis: int | None = -1
+    head_axis: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        name = "/".join(self.path)
+        if self.is_mutable_collection(POINTS) and not self.is_initializing():
+            # A listing pass (see list_points): record the point, change nothing.
+            self.put_variable(POINTS, self.kind, jnp.zeros(x.shape, jnp.bool_))
+            return x
+        if self.plan.track and self.plan.tracks(name) and x.ndim >= 2:
+            self.sow(OBSERVED, "kurtosis", kurtosis_per_sequence(x))
+            self.sow(OBSERVED, "inf_norm", inf_norm_per_sequence(x))
+        spec, mode = self.plan.resolve(name, self.kind)
+        if spec is None or mode == "off":
+            return x
+        return self._quantize(x, spec, mode, name)
+
+    def _quantize(self, x, spec: QuantSpec, mode: str, name: str):
+        view = make_view(x.shape, spec, self.channel_axis, self.head_axis, name)
+        xv = to_view(x, view).astype(jnp.float32)
+        if spec.bits == 1:
+            if mode == "calibrate":
+                self._count_nonfinite(xv)
+                return x
+            alpha = jax.lax.stop_gradient(reduce(jnp.mean, jnp.abs(xv), view))
+            return from_view(binary_quant(xv, alpha), view).astype(x.dtype)
+
+        qmin, qmax = grid_bounds(spec.bits, spec.scheme)
+        learn = spec.learn != "none"
+        if learn:
+            scale, offset = self._learnable_params(xv, view, spec)
+        if mode == "calibrate":
+            self._calibrate(xv, view, spec)
+            return x
+
+        if learn:
+            scale = jnp.maximum(scale, spec.min_scale)
+            if mode != "learn":
+                scale, offset = jax.lax.stop_gradient((scale, offset))
+            g = grad_scale_value(spec.grad_scale, xv, jnp.size(scale), qmax)
+            y = uniform_quant(xv, scale, offset, qmin, qmax, g)
+        else:
+            lo, hi = self._frozen_range(xv, view, spec, name)
+            y = fake_quant_range(xv, lo, hi, spec)
+        return from_view(y, view).astype(x.dtype)
+
+    def _learnable_params(self, xv, view, spec):
+        def init(which):
+            lo, hi = estimators.estimate(xv, view, spec)
+            return learnable_init(lo, hi, spec)[which]
+
+        scale = self.param("scale", lambda _: init(0))
+        offset = self.param("offset", lambda _: init(1)) if spec.learn == "lsq+" else 0.0
+        return scale, offset
+
+    def _frozen_range(self, xv, view, spec, name):
+        if spec.dynamic or self.is_initializing():
+            return estimators.estimate(xv, view, spec)
+        if not (self.has_variable(STATS, "lo") and self.has_variable(STATS, "hi")):
+            raise ValueError(
+                f"quantization point '{name}' has no calibration statistics in '{STATS}'; "
+                "run the model in mode 'calibrate' first, or give it a dynamic estimator "
+                "(current_minmax)."
+            )
+        return self.get_variable(STATS, "lo"), self.get_variable(STATS, "hi")
+
+    def _count_nonfinite(self, xv):
+        if self.is_initializing():
+            return
+        bad = self.variable(STATS, "nonfinite", lambda: jnp.zeros((), jnp.int32))
+        bad.value = bad.value + jnp.any(~jnp.isfinite(xv)).astype(jnp.int32)
+
+    def _calibrate(self, xv, view, spec):
+        self._count_nonfinite(xv)
+        if self.is_initializing() or spec.dynamic:
+            return
+        lo_b, hi_b = estimators.estimate(xv, view, spec)
+        count = self.variable(STATS, "count", lambda: jnp.zeros((), jnp.int32))
+        lo = self.variable(STATS, "lo", lambda: jnp.zeros(lo_b.shape, jnp.float32))
+        hi = self.variable(STATS, "hi", lambda: jnp.zeros(hi_b.shape, jnp.float32))
+        kind, m = spec.accumulator, spec.momentum
+        lo.value = estimators.accumulate(kind, count.value, lo.value, lo_b, m, lower=True)
+        hi.value = estimators.accumulate(kind, count.value, hi.value, hi_b, m, lower=False)
+        count.value = count.value + 1
+        if spec.learn != "none":
+            s, off = learnable_init(lo.value, hi.value, spec)
+            self.put_variable(STATS, "learn_scale", s)
+            if spec.learn == "lsq+":
+                self.put_variable(STATS, "learn_offset", off)
+
+
+def list_points(apply_fn, variables, *args, **kwargs) -> dict[str, tuple[str, tuple]]:
+    """All points a model call touches: ``{name: (kind, shape)}``, without running compute.
+
+    ``apply_fn`` is ``model.apply``; ``variables`` may be arrays or ``ShapeDtypeStruct``s.
+    """
+
+    def run(v):
+        _, mutated = apply_fn(v, *args, mutable=[POINTS], **kwargs)
+        return mutated[POINTS]
+
+    tree = jax.eval_shape(run, variables)
+    out = {}
+    for path, leaf in flatten_dict(tree).items():
+        out["/".join(path[:-1])] = (path[-1], tuple(leaf.shape))
+    return dict(sorted(out.items()))
+
+
+def find_nonfinite(stats) -> list[str]:
+    """Names of points whose calibration saw NaN/Inf (``nonfinite > 0``)."""
+    bad = []
+    for path, leaf in flatten_dict(stats).items():
+        if path[-1] == "nonfinite" and int(leaf) > 0:
+            bad.append("/".join(path[:-1]))
+    return bad
+
+
+def load_learnable_from_stats(params, stats):
+    """Copies the calibrated ``learn_scale``/``learn_offset`` of learnable points into
+    ``params/<point>/scale`` / ``offset`` (pure: returns a new params tree)."""
+    flat = flatten_dict(params)
+    for path, leaf in flatten_dict(stats).items():
+        target = {"learn_scale": "scale", "learn_offset": "offset"}.get(path[-1])
+        if target is None:
+            continue
+        key = path[:-1] + (target,)
+        if key not in flat:
+            raise ValueError(
+                f"calibration statistics of point '{'/'.join(path[:-1])}' have no matching "
+                f"parameter '{target}'; initialise the model with the same quantization plan."
+            )
+        flat[key] = jnp.asarray(leaf, flat[key].dtype).reshape(flat[key].shape)
+    return unflatten_dict(flat)

@@ -1,0 +1,153 @@
+"""Rules: patterns over quantization-point names -> settings, collected in a plan.
+
+A model carries one :class:`QuantPlan`. Each point asks the plan for its settings with its
+own name (its Flax module path, e.g. ``layer_3/attn/softmax``) and kind (``weight`` or
+``act``); the first rule whose regular expression matches (``re.search``) wins. A rule
+without a spec keeps matching points in full precision, which lets presets say explicitly
+what they leave alone. The plan's ``mode`` applies to every point whose spec sets none.
+
+After a model is set up, :func:`match_report` lists the points no rule matched and the rules
+that matched nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+from qtx.quant.spec import KINDS, MODES, QuantSpec, spec_from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """``pattern`` (regex, searched in the point name) and ``kind`` select; ``spec`` sets.
+
+    ``spec=None`` keeps the matched points in full precision.
+    """
+
+    pattern: str
+    spec: QuantSpec | None = None
+    kind: str = "any"
+    label: str = ""
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            msg = f"quant rule pattern {self.pattern!r} is not a valid regex: {e}."
+            raise ValueError(msg) from None
+        if self.kind not in KINDS + ("any",):
+            raise ValueError(
+                f"quant rule {self.pattern!r}: kind={self.kind!r} is invalid; allowed: "
+                "weight, act, any."
+            )
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.kind}:{self.pattern}"
+
+    def matches(self, point: str, kind: str) -> bool:
+        return (self.kind in ("any", kind)) and re.search(self.pattern, point) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """The ordered rules of a model, its default mode and the points whose statistics are
+    tracked (patterns; tracked points sow outlier statistics into ``intermediates``)."""
+
+    rules: tuple[QuantRule, ...] = ()
+    mode: str = "off"
+    track: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"quant plan mode={self.mode!r} is invalid; allowed: {MODES}.")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "track", tuple(self.track))
+
+    def rule_for(self, point: str, kind: str) -> int | None:
+        """Index of the first rule matching ``point``, or None."""
+        for i, rule in enumerate(self.rules):
+            if rule.matches(point, kind):
+                return i
+        return None
+
+    def resolve(self, point: str, kind: str) -> tuple[QuantSpec | None, str]:
+        """``(spec, mode)`` for a point; ``(None, 'off')`` when it stays in full precision."""
+        i = self.rule_for(point, kind)
+        spec = None if i is None else self.rules[i].spec
+        if spec is None:
+            return None, "off"
+        return spec, spec.mode or self.mode
+
+    def tracks(self, point: str) -> bool:
+        return any(re.search(p, point) for p in self.track)
+
+    def with_mode(self, mode: str) -> QuantPlan:
+        return dataclasses.replace(self, mode=mode)
+
+    def with_track(self, patterns) -> QuantPlan:
+        return dataclasses.replace(self, track=tuple(patterns))
+
+    def prepend(self, rules) -> QuantPlan:
+        return dataclasses.replace(self, rules=tuple(rules) + self.rules)
+
+
+def rule(pattern: str, kind: str = "any", label: str = "", off: bool = False, **settings):
+    """Shorthand: ``rule('attn/softmax$', 'act', bits=8, scheme='unsigned')``."""
+    spec = None if off else spec_from_dict(settings, where=f"rule {pattern!r}")
+    return QuantRule(pattern=pattern, spec=spec, kind=kind, label=label)
+
+
+def rule_from_dict(d: Mapping) -> QuantRule:
+    """A rule from a config mapping: ``pattern``, optional ``kind``/``label``/``off``, settings."""
+    d = dict(d)
+    if "pattern" not in d:
+        raise ValueError(f"quant rule {d} has no 'pattern'; every rule needs a regex pattern.")
+    return rule(
+        d.pop("pattern"),
+        d.pop("kind", "any"),
+        d.pop("label", ""),
+        bool(d.pop("off", False)),
+        **d,
+    )
+
+
+@dataclasses.dataclass
+class MatchReport:
+    """Which rule each point matched; the unmatched points; the unused rules."""
+
+    matched: dict[str, str]
+    unmatched_points: list[str]
+    unused_rules: list[str]
+    quantized: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.quantized)} of {len(self.matched)} quantization points are on."]
+        if self.unmatched_points:
+            lines.append(
+                f"{len(self.unmatched_points)} point(s) matched no rule (kept in full precision): "
+                + ", ".join(self.unmatched_points)
+            )
+        if self.unused_rules:
+            lines.append("rule(s) that matched no point: " + ", ".join(self.unused_rules))
+        return "\n".join(lines)
+
+
+def match_report(plan: QuantPlan, points: Mapping[str, str]) -> MatchReport:
+    """``points`` maps each point name to its kind (see ``qtx.quant.list_points``)."""
+    used = set()
+    matched, unmatched, on = {}, [], []
+    for name, kind in points.items():
+        i = plan.rule_for(name, kind)
+        if i is None:
+            unmatched.append(name)
+            matched[name] = ""
+            continue
+        used.add(i)
+        matched[name] = plan.rules[i].name
+        if plan.rules[i].spec is not None and (plan.rules[i].spec.mode or plan.mode) != "off":
+            on.append(name)
+    unused = [r.name for i, r in enumerate(plan.rules) if i not in used]
+    return MatchReport(matched, unmatched, unused, on)
