@@ -1,0 +1,89 @@
+"""Outlier statistics (Quantizable Transformers §4): per-sequence kurtosis and inf norm.
+
+Tracked points sow per-sequence values into ``intermediates`` inside the jitted eval step
+(``QuantPoint`` does it for the plan's ``track`` patterns), so no second pass over the data is
+needed. Here the values are averaged over all validation sequences per tracked tensor, then:
+
+* ``max_inf_norm`` = max over the inf-norm tensors of their mean inf norm;
+* ``avg_kurtosis`` = mean over the kurtosis tensors of their mean kurtosis;
+* ``per_layer`` keeps every tensor's two means for plots.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+_L = r"^layer_\d+/"
+# family -> (kurtosis tensors, inf-norm tensors), as regexes over point names.
+TRACKED = {
+    "bert": ((_L + r"(ffn/out|ffn_ln/out)$",), (_L + r"(ffn/out|ffn_ln/out|residual_ffn)$",)),
+    "opt": (
+        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
+        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
+    ),
+    "vit": (
+        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
+        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
+    ),
+}
+TRACKED["roberta"] = TRACKED["bert"]
+# The tensor the papers' headline inf norm most likely refers to (REFERENCE.md §1).
+HEADLINE = {
+    "bert": r"ffn/out$",
+    "roberta": r"ffn/out$",
+    "opt": r"residual_ffn$",
+    "vit": r"residual_ffn$",
+}
+
+
+def track_patterns(family: str) -> tuple[str, ...]:
+    """Point patterns to put in ``QuantPlan.track`` for ``family``."""
+    kurt, inf = TRACKED[family]
+    return tuple(sorted(set(kurt) | set(inf)))
+
+
+class OutlierAccumulator:
+    """Sums per-sequence statistics over batches (host side, float64)."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.sums: dict[str, dict[str, float]] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, intermediates, weights=None) -> None:
+        """``intermediates``: the sown tree; ``weights`` (B,) marks real (non-padding) rows."""
+        w = None if weights is None else np.asarray(weights, np.float64).reshape(-1)
+        for path, leaf in flatten_dict(intermediates).items():
+            metric = path[-1]
+            if metric not in ("kurtosis", "inf_norm"):
+                continue
+            name = "/".join(path[:-1])
+            vals = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in leaf])
+            ww = np.ones_like(vals) if w is None else np.tile(w, len(vals) // len(w))
+            entry = self.sums.setdefault(name, {"kurtosis": 0.0, "inf_norm": 0.0})
+            entry[metric] += float(np.sum(vals * ww))
+            if metric == "kurtosis":
+                self.counts[name] = self.counts.get(name, 0) + float(ww.sum())
+
+    def summary(self) -> dict:
+        """``{"max_inf_norm", "avg_kurtosis", "headline_inf_norm", "per_layer": {...}}``."""
+        kurt_pat, inf_pat = TRACKED[self.family]
+        per = {}
+        for name, s in sorted(self.sums.items()):
+            n = max(self.counts.get(name, 0), 1)
+            per[name] = {"kurtosis": s["kurtosis"] / n, "inf_norm": s["inf_norm"] / n}
+
+        def pick(pats, metric):
+            return [v[metric] for k, v in per.items() if any(re.search(p, k) for p in pats)]
+
+        infs, kurts = pick(inf_pat, "inf_norm"), pick(kurt_pat, "kurtosis")
+        head = pick((HEADLINE[self.family],), "inf_norm")
+        return {
+            "max_inf_norm": float(max(infs)) if infs else float("nan"),
+            "avg_kurtosis": float(np.mean(kurts)) if kurts else float("nan"),
+            "headline_inf_norm": float(max(head)) if head else float("nan"),
+            "per_layer": per,
+        }

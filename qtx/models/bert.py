@@ -1,0 +1,159 @@
+"""BERT and RoBERTa (post-LN encoders) with MLM and sequence-classification heads.
+
+Points besides the layers' (see ``qtx.nn.transformer``)::
+
+    embed/word/weight, embed/position/weight, embed/token_type/weight
+    embed/sum                      word + position + token-type embeddings
+    embed/ln/weight, embed/ln/out
+    pooler/in, pooler/dense/weight, pooler/out       (tanh(dense(h[:, 0])))
+    classifier/in, classifier/dense/weight, classifier/logits
+    mlm_head/transform/weight, mlm_head/act, mlm_head/ln/weight, mlm_head/ln/out,
+    mlm_head/logits                (tied to embed/word, full precision table)
+
+RoBERTa differs in its positions (``padding_idx + 1 + cumsum`` over real tokens) and its
+classification head, whose dense + tanh is our pooler.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qtx.models.config import ModelConfig
+from qtx.nn.layers import Dense, Embed, LayerNorm
+from qtx.nn.transformer import ACTIVATIONS, run_layers
+from qtx.quant import QuantPlan, QuantPoint
+
+
+def roberta_position_ids(input_ids, pad_token_id: int):
+    """``pad + cumsum(mask) * mask``: real tokens count from ``pad + 1``, padding gets ``pad``."""
+    mask = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask + pad_token_id
+
+
+class BertEmbeddings(nn.Module):
+    """``LN(word + position + token_type)`` (B, T) -> (B, T, D); ``word.attend`` ties heads."""
+
+    cfg: ModelConfig
+    plan: QuantPlan = QuantPlan()
+
+    def setup(self):
+        c, p = self.cfg, self.plan
+        init = nn.initializers.normal(c.init_std)
+        self.word = Embed(c.vocab_size, c.hidden_size, p, init, c.compute_dtype)
+        self.position = Embed(c.max_positions, c.hidden_size, p, init, c.compute_dtype)
+        self.token_type = Embed(c.type_vocab_size, c.hidden_size, p, init, c.compute_dtype)
+        self.sum = QuantPoint(p)
+        self.ln = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype)
+        self.drop = nn.Dropout(c.dropout)
+
+    def __call__(self, input_ids, token_type_ids, deterministic=True):
+        c = self.cfg
+        if c.family == "roberta":
+            pos = roberta_position_ids(input_ids, c.pad_token_id)
+        else:
+            pos = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
+        h = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
+        h = self.ln(self.sum(h))
+        return self.drop(h, deterministic=deterministic or c.dropout == 0)
+
+
+class Bert(nn.Module):
+    """BERT / RoBERTa. ``input_ids`` (B, T) -> dict with ``last_hidden_state`` (B, T, D),
+    ``pooled`` (B, D) when there is a pooler, ``logits`` ((B, T, V) for ``mlm``, (B, L) for
+    ``classification``) and ``hidden_states`` (L + 1 tensors) when ``output_hidden_states``.
+    """
+
+    cfg: ModelConfig
+    plan: QuantPlan = QuantPlan()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ):
+        c, p = self.cfg, self.plan
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        token_mask = attention_mask.astype(bool)
+        embed = BertEmbeddings(c, p, name="embed")
+        h = embed(input_ids, token_type_ids, deterministic)
+        mask = token_mask[:, None, None, :]
+        h, states = run_layers(
+            c.block(),
+            p,
+            c.num_layers,
+            h,
+            mask,
+            token_mask,
+            deterministic,
+            c.remat,
+            output_hidden_states,
+        )
+        out = {"last_hidden_state": h}
+        if output_hidden_states:
+            out["hidden_states"] = states
+        dropout = nn.Dropout(c.dropout)
+        init = nn.initializers.normal(c.init_std)
+        if c.pooler or c.head == "classification":
+            out["pooled"] = Pooler(c, p, name="pooler")(h[:, 0])
+        if c.head == "classification":
+            x = dropout(out["pooled"], deterministic=deterministic or c.dropout == 0)
+            out["logits"] = Classifier(c.num_labels, p, init, c.compute_dtype, name="classifier")(x)
+        elif c.head == "mlm":
+            out["logits"] = MLMHead(c, p, name="mlm_head")(h, embed.word.attend)
+        return out
+
+
+class Pooler(nn.Module):
+    """``tanh(dense(x))`` on the first token; points ``in``, ``dense/weight``, ``out``."""
+
+    cfg: ModelConfig
+    plan: QuantPlan = QuantPlan()
+
+    @nn.compact
+    def __call__(self, x):
+        c, p = self.cfg, self.plan
+        x = QuantPoint(p, name="in")(x)
+        init = nn.initializers.normal(c.init_std)
+        x = jnp.tanh(Dense(c.hidden_size, p, True, init, c.compute_dtype, name="dense")(x))
+        return QuantPoint(p, name="out")(x)
+
+
+class Classifier(nn.Module):
+    """``dense(x)`` -> logits; points ``in``, ``dense/weight``, ``logits``."""
+
+    num_labels: int
+    plan: QuantPlan = QuantPlan()
+    kernel_init: object = nn.initializers.normal(0.02)
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = QuantPoint(self.plan, name="in")(x)
+        x = Dense(self.num_labels, self.plan, True, self.kernel_init, self.dtype, name="dense")(x)
+        return QuantPoint(self.plan, name="logits")(x.astype(jnp.float32))
+
+
+class MLMHead(nn.Module):
+    """``LN(act(dense(h))) @ E^T + b`` with the word embedding ``E`` (tied)."""
+
+    cfg: ModelConfig
+    plan: QuantPlan = QuantPlan()
+
+    @nn.compact
+    def __call__(self, h, attend):
+        c, p = self.cfg, self.plan
+        init = nn.initializers.normal(c.init_std)
+        h = Dense(c.hidden_size, p, True, init, c.compute_dtype, name="transform")(h)
+        h = QuantPoint(p, name="act")(ACTIVATIONS[c.activation](h))
+        h = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype, name="ln")(h)
+        logits = attend(h)
+        logits = logits + self.param("bias", nn.initializers.zeros, (c.vocab_size,))
+        return QuantPoint(p, name="logits")(logits.astype(jnp.float32))

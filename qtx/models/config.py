@@ -1,0 +1,141 @@
+"""Model configuration shared by all families (frozen, hashable: it is static for jit)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from qtx.nn.attention import AttentionConfig
+from qtx.nn.transformer import ACTIVATIONS, BlockConfig
+
+FAMILIES = ("bert", "roberta", "opt", "vit")
+HEADS = {
+    "bert": ("mlm", "classification", "none"),
+    "roberta": ("mlm", "classification", "none"),
+    "opt": ("clm", "none"),
+    "vit": ("classification", "none"),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one model. Field errors name ``config.model.<field>``."""
+
+    family: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    pre_ln: bool = False
+    final_ln: bool = False
+    activation: str = "gelu"
+    ln_eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    drop_path: float = 0.0
+    fused_qkv: bool = False
+    use_bias: bool = True
+    init_std: float = 0.02
+    attention: AttentionConfig = AttentionConfig()
+    pad_token_id: int = 0
+    position_offset: int = 0
+    word_embed_proj_dim: int | None = None
+    head: str = "mlm"
+    num_labels: int = 2
+    pooler: bool = True
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    distillation_token: bool = False
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        def bad(field, allowed):
+            raise ValueError(
+                f"config.model.{field}={getattr(self, field)!r} is invalid; allowed: {allowed}."
+            )
+
+        if self.family not in FAMILIES:
+            bad("family", ", ".join(FAMILIES))
+        if self.head not in HEADS[self.family]:
+            bad("head", ", ".join(HEADS[self.family]) + f" for family {self.family!r}")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", ", ".join(ACTIVATIONS))
+        if self.dtype not in DTYPES:
+            bad("dtype", ", ".join(DTYPES))
+        for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            if int(getattr(self, f)) < 1:
+                bad(f, "a positive integer")
+        if self.hidden_size % self.num_heads:
+            bad("num_heads", f"a divisor of hidden_size={self.hidden_size}")
+        for f in ("dropout", "attention_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                bad(f, "a number in [0, 1)")
+        if self.family != "vit" and self.vocab_size < 1:
+            bad("vocab_size", "a positive integer")
+        if self.family == "vit" and self.image_size % self.patch_size:
+            bad("image_size", f"a multiple of patch_size={self.patch_size}")
+        if self.num_labels < 1:
+            bad("num_labels", "a positive integer")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def block(self, **overrides) -> BlockConfig:
+        return BlockConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            pre_ln=self.pre_ln,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            drop_path=self.drop_path,
+            fused_qkv=self.fused_qkv,
+            use_bias=self.use_bias,
+            init_std=self.init_std,
+            attention=self.attention,
+            dtype=self.compute_dtype,
+            **overrides,
+        )
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def model_config_from_dict(d: Mapping[str, Any], base: ModelConfig | None = None) -> ModelConfig:
+    """Applies a mapping of overrides (``attention`` may be a nested mapping) to ``base``."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(names)}.")
+    base = base or ModelConfig()
+    att = d.pop("attention", None)
+    if att is not None and not isinstance(att, AttentionConfig):
+        att = dict(att)
+        a_names = {f.name for f in dataclasses.fields(AttentionConfig)}
+        a_unknown = sorted(set(att) - a_names)
+        if a_unknown:
+            raise ValueError(
+                f"config.model.attention has unknown field(s) {a_unknown}; allowed: "
+                f"{sorted(a_names)}."
+            )
+        att = dataclasses.replace(base.attention, **att)
+    if att is not None:
+        d["attention"] = att
+    return dataclasses.replace(base, **d)

@@ -1,0 +1,173 @@
+"""Models chosen by name: size presets, the family -> module map and dummy inputs.
+
+``model_config("opt-125m", attention={"gate": "linear"})`` gives a :class:`ModelConfig`;
+``build(cfg, plan)`` the Flax module. Sizes follow the papers (REFERENCE.md §1, §3) and the
+public checkpoints; ``*-tiny`` sizes are for tests and CPU runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qtx.models.bert import Bert
+from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.opt import OPT
+from qtx.models.vit import ViT
+from qtx.quant import QuantPlan
+
+_BERT = dict(
+    family="bert",
+    vocab_size=30522,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    intermediate_size=3072,
+    max_positions=512,
+    ln_eps=1e-12,
+    head="mlm",
+)
+_ROBERTA = dict(
+    _BERT,
+    family="roberta",
+    vocab_size=50265,
+    max_positions=514,
+    type_vocab_size=1,
+    pad_token_id=1,
+    ln_eps=1e-5,
+)
+_OPT = dict(
+    family="opt",
+    vocab_size=50272,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    intermediate_size=3072,
+    max_positions=2048,
+    pre_ln=True,
+    final_ln=True,
+    activation="relu",
+    ln_eps=1e-5,
+    dropout=0.1,
+    attention_dropout=0.0,
+    pad_token_id=1,
+    position_offset=2,
+    head="clm",
+    pooler=False,
+    type_vocab_size=1,
+)
+_VIT = dict(
+    family="vit",
+    vocab_size=0,
+    hidden_size=384,
+    num_layers=12,
+    num_heads=6,
+    intermediate_size=1536,
+    pre_ln=True,
+    final_ln=True,
+    ln_eps=1e-6,
+    dropout=0.0,
+    attention_dropout=0.0,
+    head="classification",
+    num_labels=1000,
+    pooler=False,
+    image_size=224,
+    patch_size=16,
+    max_positions=197,
+    type_vocab_size=1,
+)
+
+SIZES: dict[str, dict[str, Any]] = {
+    "bert-base": _BERT,
+    "bert-6L": dict(_BERT, num_layers=6),
+    "bert-large": dict(
+        _BERT, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
+    ),
+    "bert-tiny": dict(
+        _BERT,
+        vocab_size=8192,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=512,
+        max_positions=128,
+    ),
+    "roberta-base": _ROBERTA,
+    "roberta-tiny": dict(
+        _ROBERTA,
+        vocab_size=8192,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=512,
+        max_positions=130,
+    ),
+    "opt-125m": _OPT,
+    "opt-6L": dict(_OPT, num_layers=6),
+    "opt-350m": dict(
+        _OPT,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        word_embed_proj_dim=512,
+        pre_ln=False,
+        final_ln=False,
+    ),
+    "opt-1.3b": dict(_OPT, hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192),
+    "opt-tiny": dict(
+        _OPT,
+        vocab_size=8192,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=512,
+        max_positions=128,
+    ),
+    "vit-s16": _VIT,
+    "vit-b16": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "deit-t": dict(_VIT, hidden_size=192, num_heads=3, intermediate_size=768),
+    "deit-s": _VIT,
+    "deit-b": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "vit-tiny": dict(
+        _VIT,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        num_labels=10,
+        max_positions=17,
+    ),
+}
+
+MODULES: dict[str, type[nn.Module]] = {"bert": Bert, "roberta": Bert, "opt": OPT, "vit": ViT}
+
+
+def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) -> ModelConfig:
+    """The preset ``name`` with ``overrides`` (``attention`` may be a nested mapping)."""
+    if name not in SIZES:
+        raise ValueError(
+            f"config.model.name={name!r} is unknown; allowed: {', '.join(sorted(SIZES))}."
+        )
+    base = ModelConfig(**SIZES[name])
+    return model_config_from_dict({**dict(overrides or {}), **kw}, base)
+
+
+def build(cfg: ModelConfig, plan: QuantPlan | None = None) -> nn.Module:
+    """The Flax module of ``cfg.family`` with the quantization plan ``plan``."""
+    return MODULES[cfg.family](cfg, plan or QuantPlan())
+
+
+def dummy_inputs(cfg: ModelConfig, batch: int = 2, seq_len: int = 8) -> dict[str, Any]:
+    """Keyword inputs for ``init``: token ids for text models, images for ViT."""
+    if cfg.family == "vit":
+        shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
+        return {"images": jnp.zeros(shape, jnp.float32)}
+    ids = jnp.full((batch, min(seq_len, cfg.max_positions)), 2, jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}

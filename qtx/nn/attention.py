@@ -1,0 +1,214 @@
+"""Multi-head attention with softmax variants and gates (Quantizable Transformers).
+
+Softmax variants (:class:`AttentionConfig.softmax`):
+
+* ``vanilla``;
+* ``clipped``: ``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)``; with ``alpha`` set,
+  ``gamma = -alpha / T`` (``T`` = ``softmax_T`` or the key length) and ``zeta = 1``;
+* ``off_by_one``: ``exp(x_i) / (1 + sum_j exp(x_j))``.
+
+Gates multiply each head's output before the output projection:
+``out_h(t) = pi_h(t) * (softmax(q k^T / sqrt(d)) v)_h(t)`` with ``pi = sigmoid(G(x))``:
+
+* ``linear``: per head, ``Linear(d_head -> 1)`` on the head's slice of x; bias ``logit(pi_init)``;
+* ``mlp`` / ``mlp_wide``: per head, ``d_head -> d_head/4`` (or ``d_head``) ``-> 1`` with ReLU;
+* ``all_heads_linear``: ``Linear(d_model -> n_heads)`` on the full x;
+* ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over T: one
+  gate per head and sequence) or ``none`` (one learned scalar per head, initialised to 0, or
+  to ``logit(pi_init)`` in fine-tuning mode);
+* ``gate_finetune``: the gate is divided by ``pi_init`` and gate weights start at
+  ``gate_init_std`` (near 0), so a pretrained model starts unchanged.
+
+Points (``head_axis`` in brackets): ``q``, ``k``, ``v``, ``context`` (B, T, H, Dh) [2];
+``scores`` (after the ``1/sqrt(d)`` scaling, before the mask) and ``softmax`` (B, H, T, S) [1];
+``out`` (B, T, D), the output projection. Weights: ``q_proj``, ``k_proj``, ``v_proj`` (or
+``qkv_proj``) and ``o_proj``; the gate lives under ``gate/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtx.nn.layers import Dense
+from qtx.quant import QuantPlan, QuantPoint
+
+ATTENTION = "attention"  # collection of attention probabilities, when made mutable
+SOFTMAXES = ("vanilla", "clipped", "off_by_one")
+GATES = ("none", "linear", "mlp", "mlp_wide", "all_heads_linear")
+GATE_CONDITIONS = ("token", "head", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    softmax: str = "vanilla"
+    gamma: float = 0.0
+    zeta: float = 1.0
+    alpha: float | None = None
+    softmax_T: int | None = None
+    gate: str = "none"
+    gate_condition: str = "token"
+    pi_init: float = 0.5
+    gate_finetune: bool = False
+    gate_init_std: float = 0.02
+
+    def __post_init__(self):
+        def bad(field, value, allowed):
+            raise ValueError(
+                f"config.model.attention.{field}={value!r} is invalid; allowed: {allowed}."
+            )
+
+        if self.softmax not in SOFTMAXES:
+            bad("softmax", self.softmax, ", ".join(SOFTMAXES))
+        if self.gate not in GATES:
+            bad("gate", self.gate, ", ".join(GATES))
+        if self.gate_condition not in GATE_CONDITIONS:
+            bad("gate_condition", self.gate_condition, ", ".join(GATE_CONDITIONS))
+        if not 0.0 < self.pi_init < 1.0:
+            bad("pi_init", self.pi_init, "a number in (0, 1)")
+        if self.softmax == "clipped":
+            if self.alpha is not None and self.alpha <= 0:
+                bad("alpha", self.alpha, "a positive number or None")
+            if self.alpha is None and not (self.gamma <= 0 and self.zeta >= 1):
+                bad("gamma/zeta", (self.gamma, self.zeta), "gamma <= 0 and zeta >= 1")
+        if self.softmax_T is not None and self.softmax_T < 1:
+            bad("softmax_T", self.softmax_T, "a positive integer or None")
+
+    def clip_bounds(self, key_len: int) -> tuple[float, float]:
+        """``(gamma, zeta)`` of the clipped softmax for keys of length ``key_len``."""
+        if self.alpha is not None:
+            return -self.alpha / float(self.softmax_T or key_len), 1.0
+        return self.gamma, self.zeta
+
+
+def clipped_softmax(x, gamma: float, zeta: float, axis: int = -1):
+    """``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)``; clipped entries get no gradient."""
+    return jnp.clip((zeta - gamma) * jax.nn.softmax(x, axis=axis) + gamma, 0.0, 1.0)
+
+
+def off_by_one_softmax(x, axis: int = -1):
+    """``exp(x_i) / (1 + sum_j exp(x_j))``, computed stably."""
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0))
+    e = jnp.exp(x - m)
+    return e / (jnp.exp(-m) + jnp.sum(e, axis=axis, keepdims=True))
+
+
+def attention_probs(scores, cfg: AttentionConfig):
+    """Row-normalised attention weights of the configured variant, float32 (B, H, T, S)."""
+    scores = scores.astype(jnp.float32)
+    if cfg.softmax == "clipped":
+        gamma, zeta = cfg.clip_bounds(scores.shape[-1])
+        return clipped_softmax(scores, gamma, zeta)
+    if cfg.softmax == "off_by_one":
+        return off_by_one_softmax(scores)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class Gate(nn.Module):
+    """Gate probabilities ``pi`` from the attention input ``x`` (B, T, D).
+
+    Returns (B, T, H) for token gates, (B, 1, H) for per-head and unconditional gates.
+    """
+
+    num_heads: int
+    cfg: AttentionConfig
+    plan: QuantPlan = QuantPlan()
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        cfg, h = self.cfg, self.num_heads
+        b, t, d = x.shape
+        dh = d // h
+        bias0 = math.log(cfg.pi_init / (1.0 - cfg.pi_init))
+        w_init = nn.initializers.normal(cfg.gate_init_std)
+        bias_init = nn.initializers.constant(bias0)
+        xf = x.astype(jnp.float32)
+        if cfg.gate_condition == "none":
+            # initialised to 0, or to logit(pi_init) in fine-tuning mode (gate starts at 1)
+            init0 = bias_init if cfg.gate_finetune else nn.initializers.zeros
+            logits = self.param("logit", init0, (h,))[None, None, :]
+        elif cfg.gate == "all_heads_linear":
+            logits = Dense(h, self.plan, kernel_init=w_init, bias_init=bias_init, name="dense")(xf)
+        else:
+            xh = xf.reshape(b, t, h, dh)
+            if cfg.gate == "linear":
+                w = self.param("kernel", w_init, (h, dh))
+                logits = jnp.einsum("bthd,hd->bth", xh, w)
+                logits = logits + self.param("bias", bias_init, (h,))
+            else:
+                hidden = dh if cfg.gate == "mlp_wide" else max(dh // 4, 1)
+                w1 = self.param("hidden_kernel", w_init, (h, dh, hidden))
+                b1 = self.param("hidden_bias", nn.initializers.zeros, (h, hidden))
+                z = jax.nn.relu(jnp.einsum("bthd,hdk->bthk", xh, w1) + b1)
+                w2 = self.param("out_kernel", w_init, (h, hidden))
+                logits = jnp.einsum("bthk,hk->bth", z, w2) + self.param("bias", bias_init, (h,))
+        if cfg.gate_condition == "head":
+            if mask is None:
+                logits = logits.mean(axis=1, keepdims=True)
+            else:
+                m = mask.astype(jnp.float32)[..., None]
+                logits = (logits * m).sum(1, keepdims=True) / jnp.maximum(
+                    m.sum(1, keepdims=True), 1
+                )
+        pi = jax.nn.sigmoid(logits)
+        return pi / cfg.pi_init if cfg.gate_finetune else pi
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention ``x`` (B, T, D) -> (B, T, D) with named points (see module docstring).
+
+    ``mask``: bool (B, 1 or H, T, S), True where attention is allowed. ``token_mask``: bool
+    (B, T) of real tokens, used by per-head gates.
+    """
+
+    num_heads: int
+    cfg: AttentionConfig = AttentionConfig()
+    plan: QuantPlan = QuantPlan()
+    fused_qkv: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    out_init_std: float | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True):
+        b, t, d = x.shape
+        h = self.num_heads
+        if d % h:
+            raise ValueError(f"hidden_size={d} is not divisible by num_heads={h}.")
+        dh = d // h
+        p = self.plan
+        dense = lambda n, f, std=None: Dense(  # noqa: E731
+            f, p, self.use_bias, nn.initializers.normal(std or self.init_std), self.dtype, name=n
+        )
+        if self.fused_qkv:
+            q, k, v = jnp.split(dense("qkv_proj", 3 * d)(x), 3, axis=-1)
+        else:
+            q, k, v = (dense(n, d)(x) for n in ("q_proj", "k_proj", "v_proj"))
+        split = lambda y: y.reshape(b, t, h, dh)  # noqa: E731
+        q = QuantPoint(p, head_axis=2, name="q")(split(q))
+        k = QuantPoint(p, head_axis=2, name="k")(split(k))
+        v = QuantPoint(p, head_axis=2, name="v")(split(v))
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.asarray(math.sqrt(dh), q.dtype)
+        scores = QuantPoint(p, head_axis=1, name="scores")(scores)
+        if mask is not None:
+            scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = attention_probs(scores, self.cfg).astype(self.dtype)
+        probs = QuantPoint(p, head_axis=1, name="softmax")(probs)
+        if self.is_mutable_collection(ATTENTION) and not self.is_initializing():
+            self.sow(ATTENTION, "probs", probs)  # for the no-op attention figures
+        if self.dropout > 0 and not deterministic:
+            probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+        context = jnp.einsum("bhts,bshd->bthd", probs, v)
+        if self.cfg.gate != "none":
+            pi = Gate(h, self.cfg, p, name="gate")(x, token_mask)
+            context = context * pi[..., None].astype(context.dtype)
+        context = QuantPoint(p, head_axis=2, name="context")(context)
+        out = dense("o_proj", d, self.out_init_std)(context.reshape(b, t, d))
+        return QuantPoint(p, name="out")(out)

@@ -1,0 +1,119 @@
+"""Dense, Embed, LayerNorm and patch embedding with weight quantization points.
+
+Every layer quantizes its weight through a :class:`~qtx.quant.QuantPoint` named ``weight``
+(so ``layer_3/ffn/fc1/weight``); LayerNorm also owns the point ``out`` on its output. Biases
+and LayerNorm's beta are never quantized. Parameters are float32 (``param_dtype``); matmuls
+run in ``dtype`` (bfloat16 for mixed precision); LayerNorm statistics are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qtx.quant import QuantPlan, QuantPoint
+
+Dtype = Any
+
+
+class Dense(nn.Module):
+    """``y = x @ W_q + b``; kernel (in, out), per-channel axis = out; ``out_point`` adds the
+    point ``out`` on ``y``."""
+
+    features: int
+    plan: QuantPlan = QuantPlan()
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    bias_init: Any = nn.initializers.zeros
+    out_point: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        kernel = QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(kernel)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return QuantPoint(self.plan, name="out")(y) if self.out_point else y
+
+
+class Embed(nn.Module):
+    """Lookup in a quantized table (num, features); per-channel axis = rows (tokens)."""
+
+    num_embeddings: int
+    features: int
+    plan: QuantPlan = QuantPlan()
+    embedding_init: Any = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32
+        )
+        self.weight = QuantPoint(self.plan, "weight", channel_axis=0)
+
+    def __call__(self, ids):
+        return jnp.take(self.weight(self.embedding), ids, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """``x @ E^T`` with the full-precision table (tied LM heads stay unquantized)."""
+        return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+class LayerNorm(nn.Module):
+    """``y = gamma * (x - mu) / sqrt(var + eps) + beta`` in float32; points ``weight``, ``out``.
+
+    ``non_scaling=True`` is Outlier Suppression's non-scaling LayerNorm: the output is
+    ``(x - mu) / sqrt(var + eps) + beta`` (the stored beta is then beta / gamma) and gamma is
+    applied by the caller where it was migrated; ``gamma()`` returns it.
+    """
+
+    plan: QuantPlan = QuantPlan()
+    eps: float = 1e-5
+    non_scaling: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mu = xf.mean(-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
+        y = (xf - mu) * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        if not self.non_scaling:
+            y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
+        y = (y + bias).astype(self.dtype)
+        return QuantPoint(self.plan, name="out")(y)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches ``(B, H, W, C) -> (B, N, D)``; kernel (p, p, C, D) as a conv."""
+
+    features: int
+    patch_size: int
+    plan: QuantPlan = QuantPlan()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        b, h, w, c = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by patch_size={p}; allowed: image sizes "
+                f"that are multiples of {p}."
+            )
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32
+        )
+        kernel = QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(kernel)
+        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+        y = jnp.dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))
+        return y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
