@@ -243,7 +243,7 @@ def test_mixed_modes_weights_frozen_activations_learn():
     v = q.init_learnable(v)
     st = v[q.STATS]["layer_0"]["ffn"]["act"]
     s = (st["hi"] - st["lo"]) / 15
-    np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["scale"], s, rtol=1e-6)
+    np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["step"], s, rtol=1e-6)
     np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["offset"], st["lo"], rtol=1e-6)
     learn = Toy(plan.with_mode("learn"))
 
@@ -251,12 +251,12 @@ def test_mixed_modes_weights_frozen_activations_learn():
         return jnp.sum(learn.apply({**v, "params": params}, X) ** 2)
 
     g = jax.jit(jax.grad(loss))(v["params"])
-    assert float(jnp.abs(g["layer_0"]["attn"]["softmax"]["scale"])) > 0
+    assert float(jnp.abs(g["layer_0"]["attn"]["softmax"]["step"])) > 0
     assert float(jnp.abs(g["layer_0"]["ffn"]["act"]["offset"])) >= 0
     assert float(jnp.abs(g["layer_0"]["ffn"]["fc1"]["kernel"]).sum()) > 0
     frozen = Toy(plan.with_mode("quantize"))
     g2 = jax.grad(lambda p: jnp.sum(frozen.apply({**v, "params": p}, X) ** 2))(v["params"])
-    assert float(jnp.abs(g2["layer_0"]["attn"]["softmax"]["scale"])) == 0
+    assert float(jnp.abs(g2["layer_0"]["attn"]["softmax"]["step"])) == 0
 
 
 def test_binary_point():

@@ -7,12 +7,12 @@ a mode:
 * ``off``: identity;
 * ``calibrate``: identity, while the batch range is accumulated into the ``quant_stats``
   collection (``lo``, ``hi``, ``count``, ``nonfinite``; learnable points also store the
-  ``learn_scale``/``learn_offset`` their range implies). Use ``mutable=['quant_stats']``;
+  ``learn_step``/``learn_offset`` their range implies). Use ``mutable=['quant_stats']``;
 * ``quantize``: fake quant with frozen ranges (from ``quant_stats``, or recomputed each call
   for dynamic estimators); learnable points use their parameters with stopped gradients;
 * ``learn``: as ``quantize``, but LSQ/LSQ+ steps and offsets in ``params`` get gradients.
 
-Learnable points always declare ``params/<name>/scale`` (and ``offset`` for LSQ+), in every
+Learnable points always declare ``params/<name>/step`` (and ``offset`` for LSQ+), in every
 mode but ``off``, so the variable tree does not depend on the mode.
 
 Points also answer two questions without touching the data: which points exist
@@ -104,7 +104,7 @@ class QuantPoint(nn.Module):
             lo, hi = estimators.estimate(xv, view, spec)
             return learnable_init(lo, hi, spec)[which]
 
-        scale = self.param("scale", lambda _: init(0))
+        scale = self.param("step", lambda _: init(0))
         offset = self.param("offset", lambda _: init(1)) if spec.learn == "lsq+" else 0.0
         return scale, offset
 
@@ -139,7 +139,7 @@ class QuantPoint(nn.Module):
         count.value = count.value + 1
         if spec.learn != "none":
             s, off = learnable_init(lo.value, hi.value, spec)
-            self.put_variable(STATS, "learn_scale", s)
+            self.put_variable(STATS, "learn_step", s)
             if spec.learn == "lsq+":
                 self.put_variable(STATS, "learn_offset", off)
 
@@ -171,11 +171,11 @@ def find_nonfinite(stats) -> list[str]:
 
 
 def load_learnable_from_stats(params, stats):
-    """Copies the calibrated ``learn_scale``/``learn_offset`` of learnable points into
-    ``params/<point>/scale`` / ``offset`` (pure: returns a new params tree)."""
+    """Copies the calibrated ``learn_step``/``learn_offset`` of learnable points into
+    ``params/<point>/step`` / ``offset`` (pure: returns a new params tree)."""
     flat = flatten_dict(params)
     for path, leaf in flatten_dict(stats).items():
-        target = {"learn_scale": "scale", "learn_offset": "offset"}.get(path[-1])
+        target = {"learn_step": "step", "learn_offset": "offset"}.get(path[-1])
         if target is None:
             continue
         key = path[:-1] + (target,)
