@@ -1,0 +1,106 @@
+"""Deterministic batch order, random streams and eval padding shared by all pipelines.
+
+Every random draw is made from ``rng_for(seed, stream, *keys)``, a fresh NumPy generator
+seeded by the tuple, so the batch of step ``s`` depends only on ``(seed, s)`` and never on
+how many batches were drawn before: resuming at ``start_step=s`` gives the same batches as
+an uninterrupted run. Random numbers are drawn at the *global* batch shape and then sliced
+to this process's rows, so the shards of all processes concatenate to the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+# Stream tags keep independent uses of one seed apart.
+PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE = range(1, 8)
+EVAL_SEED = 20_231_028  # fixed: eval masking does not depend on config.data.seed
+
+
+def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
+    """Independent generator for ``(seed, stream, *keys)`` (all non-negative ints)."""
+    return np.random.default_rng([int(seed), int(stream), *(int(k) for k in keys)])
+
+
+def steps_per_epoch(num_examples: int, global_batch: int, what: str) -> int:
+    """``num_examples // global_batch``; raises if the split cannot fill one batch."""
+    steps = num_examples // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"config.data.batch_size={global_batch} exceeds the {num_examples} training "
+            f"examples of {what}; lower config.data.batch_size."
+        )
+    return steps
+
+
+def train_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """Global row indices (B,) of training step ``step``.
+
+    Each epoch is a fresh permutation seeded by ``(seed, epoch)``; the last partial batch
+    of an epoch is dropped, so every step has exactly ``global_batch`` distinct rows.
+    """
+    spe = steps_per_epoch(num_examples, global_batch, "the dataset")
+    epoch, pos = divmod(int(step), spe)
+    perm = _epoch_permutation(num_examples, seed, epoch)
+    return perm[pos * global_batch : (pos + 1) * global_batch]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    perm = rng_for(seed, PERMUTATION, epoch).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
+
+
+def calib_indices(num_examples: int, count: int, seed: int) -> np.ndarray:
+    """``count`` training row indices (count,) for calibration, in a seeded order."""
+    reps = -(-count // num_examples)
+    perms = [rng_for(seed, CALIB, r).permutation(num_examples) for r in range(reps)]
+    return np.concatenate(perms)[:count]
+
+
+def eval_slices(num_examples: int, global_batch: int, max_batches: int | None):
+    """Yield ``(start, stop)`` row ranges of the eval split in order; the last may be short."""
+    num = -(-num_examples // global_batch)
+    if max_batches is not None:
+        num = min(num, max_batches)
+    for b in range(num):
+        yield b * global_batch, min((b + 1) * global_batch, num_examples)
+
+
+def pad_rows(batch: dict[str, np.ndarray], rows: int, fill: dict[str, float]) -> dict:
+    """Pad every array of ``batch`` along axis 0 to ``rows`` with ``fill[key]`` (default 0)."""
+    out = {}
+    for key, arr in batch.items():
+        n = arr.shape[0]
+        if n == rows:
+            out[key] = arr
+            continue
+        pad = np.full((rows - n,) + arr.shape[1:], fill.get(key, 0), dtype=arr.dtype)
+        out[key] = np.concatenate([arr, pad], axis=0)
+    return out
+
+
+def padded_eval_batch(
+    make: Callable[[np.ndarray], dict], rows: np.ndarray, global_batch: int, fill: dict
+) -> dict:
+    """Build the batch for ``rows`` (n <= B), pad it to B and add ``example_mask`` (B,)."""
+    batch = pad_rows(make(rows), global_batch, fill)
+    mask = np.zeros((global_batch,), np.float32)
+    mask[: len(rows)] = 1.0
+    batch["example_mask"] = mask
+    return batch
+
+
+def local(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch."""
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def advance(it: Iterator, n: int) -> Iterator:
+    """Advance ``it`` by ``n`` items (consuming them) and return it."""
+    for _ in range(n):
+        next(it)
+    return it

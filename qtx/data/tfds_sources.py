@@ -1,0 +1,123 @@
+"""The single gateway to TensorFlow Datasets.
+
+Every TFDS read in ``qtx.data`` goes through :func:`load_split`, which opens the builder with
+``tfds.builder(name, data_dir=config.data.data_dir or None, try_gcs=False)`` and never
+downloads: when the dataset is not already prepared under the data dir it raises a
+``ValueError`` naming ``config.data.name`` and ``config.data.data_dir``. Datasets this TFDS
+version does not register (e.g. ``wikitext/wikitext-2-raw-v1``) are still read when a
+prepared copy sits in ``<data_dir>/<name>/<version>/``.
+
+TensorFlow is imported lazily, on the first TFDS access.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+def _tfds():
+    """Import TFDS, keeping TensorFlow quiet and off any GPU (JAX owns accelerators)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # devices already initialized by other code
+        pass
+    return tfds
+
+
+def _default_data_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _not_prepared(tfds_name: str, data_dir: str | None, name: str) -> ValueError:
+    where = data_dir or f"{_default_data_dir()} (the TFDS default)"
+    return ValueError(
+        f"TFDS dataset {tfds_name!r} for config.data.name={name!r} is not prepared under "
+        f"config.data.data_dir={where} and this machine cannot download it, so run "
+        f"`tfds build {tfds_name} --data_dir=DIR` where there is network, copy DIR here and set "
+        "config.data.data_dir=DIR."
+    )
+
+
+def is_prepared(builder) -> bool:
+    """Whether the builder's files exist (split out so tests can substitute mock data)."""
+    return builder.is_prepared()
+
+
+def _from_directory(tfds, tfds_name: str, data_dir: str | None):
+    """Builder for a prepared but unregistered dataset: the newest version folder."""
+    root = Path(data_dir or _default_data_dir()) / tfds_name
+    if not root.is_dir():
+        return None
+    versions = [p for p in root.iterdir() if (p / "dataset_info.json").is_file()]
+    if not versions:
+        return None
+    newest = max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
+    return tfds.builder_from_directory(str(newest))
+
+
+@functools.lru_cache(maxsize=32)
+def get_builder(tfds_name: str, *, data_dir: str | None, name: str):
+    """Prepared ``DatasetBuilder`` for ``tfds_name``; raises ValueError when unavailable."""
+    tfds = _tfds()
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir or None, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        builder = _from_directory(tfds, tfds_name, data_dir)
+        if builder is None:
+            raise _not_prepared(tfds_name, data_dir, name) from None
+    if not is_prepared(builder):
+        raise _not_prepared(tfds_name, data_dir, name)
+    return builder
+
+
+def load_split(
+    tfds_name: str,
+    split: str,
+    *,
+    data_dir: str | None,
+    name: str,
+    shuffle_seed: int | None = None,
+    decoders=None,
+):
+    """``tf.data.Dataset`` of one split: file order shuffled with ``shuffle_seed`` when given,
+    else the stored order. Reading is deterministic either way."""
+    import tensorflow as tf
+
+    tfds = _tfds()
+    builder = get_builder(tfds_name, data_dir=data_dir, name=name)
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(
+        options=options,
+        shuffle_seed=shuffle_seed,
+        try_autocache=False,
+        interleave_cycle_length=16 if shuffle_seed is not None else 1,
+    )
+    return builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_seed is not None,
+        decoders=decoders,
+        read_config=read_config,
+    )
+
+
+def num_examples(tfds_name: str, split: str, *, data_dir: str | None, name: str) -> int:
+    """Number of examples of ``split`` (slicing syntax such as ``train[:99%]`` allowed)."""
+    builder = get_builder(tfds_name, data_dir=data_dir, name=name)
+    return int(builder.info.splits[split].num_examples)
+
+
+def features(tfds_name: str, *, data_dir: str | None, name: str):
+    """The builder's ``FeaturesDict`` (shapes, label count)."""
+    return get_builder(tfds_name, data_dir=data_dir, name=name).info.features
+
+
+def as_numpy(ds):
+    """Iterate a ``tf.data.Dataset`` as NumPy structures."""
+    return _tfds().as_numpy(ds)
