@@ -1,0 +1,253 @@
+"""Shared pieces of the experiment configs (the papers' recipes and the tiny offline runs).
+
+Each experiment file defines ``get_config(arg=None)``; ``arg="tiny"`` gives a variant that runs
+offline on a 2-core CPU in a few minutes on the embedded / local data.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Quantizable Transformers' attention variants per family (REFERENCE.md §1).
+ATTENTION = {
+    "bert": {
+        "vanilla": {},
+        "clipped": {"softmax": "clipped", "gamma": -0.025, "zeta": 1.0},
+        "gated": {"gate": "mlp", "pi_init": 0.25},
+    },
+    "opt": {
+        "vanilla": {},
+        "clipped": {"softmax": "clipped", "alpha": 12.0, "softmax_T": 512},
+        "gated": {"gate": "linear", "pi_init": 0.25},
+    },
+    "opt-1.3b": {
+        "vanilla": {},
+        "gated": {"gate": "all_heads_linear", "pi_init": 0.25},
+    },
+    "vit": {
+        "vanilla": {},
+        "clipped": {"softmax": "clipped", "alpha": 4.0, "softmax_T": 197},
+        "gated": {"gate": "linear", "pi_init": 0.25},
+    },
+}
+
+
+def base(task: str, model_name: str, attention: dict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.model = ml_collections.ConfigDict({"name": model_name, "attention": dict(attention)})
+    c.data = ml_collections.ConfigDict()
+    c.optim = ml_collections.ConfigDict()
+    c.train = ml_collections.ConfigDict()
+    c.quant = ml_collections.ConfigDict({"preset": "none", "mode": "off"})
+    c.eval = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.init_from = ""
+    return c
+
+
+def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
+    """BERT-base MLM pretraining (QT: seq 128, batch 256, 1M steps, lr 1e-4, 10k warmup)."""
+    c = base("mlm", "bert-base", ATTENTION["bert"][variant])
+    c.model.dtype = "bfloat16"
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="wiki40b",
+            tokenizer="bert-base-uncased",
+            seq_len=128,
+            batch_size=256,
+            mlm_probability=0.15,
+            max_eval_batches=2000,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-6,
+            weight_decay=0.01,
+            decay_ln_gamma=False,
+            schedule="linear",
+            warmup_steps=10_000,
+            clip_norm=1.0,
+            grad_accum=1,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1_000_000,
+            log_every=200,
+            eval_every=50_000,
+            checkpoint_every=10_000,
+            max_eval_batches=2000,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(setups=("W8A8",), options={}, calib_batches=16, calib_batch_size=32, max_batches=2000)
+    )
+    if arg == "tiny":
+        c.model.name = "bert-tiny"
+        c.model.dtype = "float32"
+        c.data = ml_collections.ConfigDict(
+            dict(
+                name="wikitext2_embedded",
+                tokenizer="qtx:wordpiece",
+                seq_len=128,
+                batch_size=16,
+                mlm_probability=0.15,
+                max_eval_batches=20,
+            )
+        )
+        c.optim.update(lr=1e-3, warmup_steps=20)
+        c.train.update(
+            steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
+        )
+        c.eval.update(calib_batches=4, calib_batch_size=16, max_batches=20)
+    return c
+
+
+def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collections.ConfigDict:
+    """OPT causal-LM pretraining (QT: block 512, batch 192 = 48 x 4, 125k steps, lr 4e-4)."""
+    table = ATTENTION["opt-1.3b" if size == "opt-1.3b" else "opt"]
+    c = base("clm", size, table[variant])
+    c.model.update(
+        dtype="bfloat16", max_positions=512, init_std=0.006, dropout=0.1, attention_dropout=0.0
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="wiki40b",
+            tokenizer="facebook/opt-125m",
+            seq_len=512,
+            batch_size=192,
+            max_eval_batches=500,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=4e-4,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            decay_ln_gamma=True,
+            schedule="linear",
+            warmup_steps=2000,
+            clip_norm=1.0,
+            grad_accum=4,
+        )
+    )
+    steps = {"opt-125m": 125_000}.get(size, 100_000)
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            log_every=100,
+            eval_every=10_000,
+            checkpoint_every=5000,
+            max_eval_batches=500,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            setups=("W8A8",),
+            options={"weight_estimator": "mse"},
+            calib_batches=4,
+            calib_batch_size=8,
+            max_batches=500,
+        )
+    )
+    if size == "opt-350m":
+        c.data.batch_size = 264
+        c.optim.grad_accum = 8
+    if size == "opt-1.3b":
+        c.data.batch_size = 252
+        c.optim.grad_accum = 12
+        c.model.remat = True
+        c.mesh.update(data=-1, fsdp=8)
+    if arg == "tiny":
+        c.model.name = "opt-tiny"
+        c.model.update(dtype="float32", max_positions=128, init_std=0.02)
+        if variant == "clipped":
+            c.model.attention.softmax_T = 128
+        c.data = ml_collections.ConfigDict(
+            dict(
+                name="wikitext2_embedded",
+                tokenizer="qtx:bpe",
+                seq_len=128,
+                batch_size=16,
+                max_eval_batches=20,
+            )
+        )
+        c.optim.update(lr=1e-3, warmup_steps=20, grad_accum=1)
+        c.train.update(
+            steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
+        )
+        c.eval.update(calib_batches=4, calib_batch_size=8, max_batches=20)
+        c.mesh.update(data=-1, fsdp=1)
+    return c
+
+
+def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collections.ConfigDict:
+    """ViT-S/16 on ImageNet-1K with the DeiT recipe (300 epochs, batch 1024, lr 1e-3)."""
+    c = base("image", size, ATTENTION["vit"][variant])
+    c.model.update(dtype="bfloat16", drop_path=0.1)
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="imagenet2012",
+            image_size=224,
+            batch_size=1024,
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+            label_smoothing=0.1,
+            random_erase=0.25,
+        )
+    )
+    epoch = 1_281_167 // 1024
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.05,
+            decay_ln_gamma=False,
+            no_decay=(r"embed/(position|cls|dist)",),
+            schedule="cosine",
+            warmup_steps=5 * epoch,
+            clip_norm=1.0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=300 * epoch,
+            log_every=100,
+            eval_every=10 * epoch,
+            checkpoint_every=2 * epoch,
+            max_eval_batches=None,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(setups=("W8A8",), options={}, calib_batches=16, calib_batch_size=32, max_batches=None)
+    )
+    if arg == "tiny":
+        c.model.name = "vit-tiny"
+        c.model.update(
+            dtype="float32",
+            drop_path=0.0,
+            image_size=28,
+            patch_size=4,
+            num_channels=1,
+            num_labels=10,
+            max_positions=50,
+        )
+        if variant == "clipped":
+            c.model.attention.softmax_T = 50
+        c.data = ml_collections.ConfigDict(
+            dict(name="mnist_local", image_size=28, channels=1, batch_size=32, max_eval_batches=10)
+        )
+        c.optim.update(lr=1e-3, warmup_steps=20)
+        c.train.update(
+            steps=300, log_every=25, eval_every=0, checkpoint_every=150, max_eval_batches=10
+        )
+        c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=10)
+    return c

@@ -1,0 +1,20 @@
+"""ViT-S/16 ImageNet-1K training with vanilla softmax (Quantizable Transformers).
+
+Full recipe (GPUs; REFERENCE.md §1):
+
+    python train.py --config=configs/vit_s16_vanilla.py --workdir=runs/vit_s16_vanilla
+    python eval.py --config=configs/vit_s16_vanilla.py --workdir=runs/vit_s16_vanilla
+
+Expected (paper, Table 2): FP top-1 80.75 %, max inf norm 359, avg kurtosis 1018, W8A8 69.24 %.
+
+Offline on a 2-core CPU in a few minutes (tiny model, embedded / local data):
+
+    python train.py --config=configs/vit_s16_vanilla.py:tiny --workdir=runs/vit_s16_vanilla_tiny
+    python eval.py --config=configs/vit_s16_vanilla.py:tiny --workdir=runs/vit_s16_vanilla_tiny
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    return common.vit_image("vanilla", arg)

@@ -1,0 +1,166 @@
+"""eval.py's driver: FP metrics and outlier statistics, then every quantized setup.
+
+Writes ``<workdir>/eval.json``::
+
+    {"step": int,
+     "fp": {"perplexity" | "accuracy": x, "max_inf_norm": x, "avg_kurtosis": x,
+            "headline_inf_norm": x, "per_layer": {tensor: {"inf_norm", "kurtosis"}}},
+     "quantized": {"W8A8": {"perplexity" | "accuracy": x, "points": {...}}, ...}}
+
+prints the same as a table, and draws ``outliers.png`` and ``attention_mass.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+from qtx import quant
+from qtx.data import make_pipeline
+from qtx.evaluate import figures
+from qtx.evaluate.metrics import run_eval
+from qtx.evaluate.outliers import OutlierAccumulator
+from qtx.evaluate.ptq import evaluate_setup
+from qtx.models import build, dummy_inputs
+from qtx.nn import ATTENTION
+from qtx.train import experiment as experiment_lib
+from qtx.train.checkpoint import Checkpointer
+from qtx.train.loop import needs_calibration, say
+from qtx.train.losses import model_inputs
+from qtx.train.mesh import global_batch, make_mesh, maybe_initialize_distributed, tree_shardings
+from qtx.train.steps import make_eval_step
+
+
+def _metric_name(task: str) -> str:
+    return "perplexity" if task in ("clm", "mlm") else "accuracy"
+
+
+def load_variables(exp, workdir: str, hf_checkpoint: str | None):
+    """``(step, params, extra)`` from an HF checkpoint or the workdir's latest checkpoint."""
+    cfg = exp.model
+    if hf_checkpoint:
+        from qtx import hf
+
+        return 0, hf.pretrained_params(hf_checkpoint, cfg), {}
+    ck = Checkpointer(workdir, async_save=False)
+    step = ck.latest_step()
+    if step is None:
+        raise ValueError(
+            f"no checkpoint in {ck.directory}; train first with the same --workdir, "
+            "or pass --hf_checkpoint=<local Hugging Face directory>."
+        )
+    model = build(cfg, exp.plan.with_mode("off"))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))
+    if needs_calibration(exp.plan):  # trained with quantizers: their params are in the tree
+        abstract = jax.eval_shape(
+            lambda: build(cfg, exp.plan).init(jax.random.key(0), **dummy_inputs(cfg))
+        )
+    params = ck.restore_params(abstract["params"], step)
+    extra = ck.restore_extra(step) if needs_calibration(exp.plan) else {}
+    ck.close()
+    return step, params, extra
+
+
+def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
+    exp = experiment_lib.load(config)
+    maybe_initialize_distributed()
+    mesh = make_mesh(exp.mesh)
+    pipe = make_pipeline(
+        exp.data,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    cfg, ev, task = exp.model, exp.eval, exp.task
+    step, params, extra = load_variables(exp, workdir, hf_checkpoint)
+    params = jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params)))
+    to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
+    metric = _metric_name(task)
+
+    def run(model, variables, outliers=None):
+        step_fn = jax.jit(
+            make_eval_step(model, cfg.family, task, ("intermediates",) if outliers else ())
+        )
+        return run_eval(
+            step_fn, variables, pipe.eval_batches(ev["max_batches"]), task, to_dev, outliers
+        )
+
+    fp_plan = quant.QuantPlan(track=exp.plan.track)
+    fp_model = build(cfg, fp_plan)
+    acc = OutlierAccumulator(cfg.family)
+    fp = run(fp_model, {"params": params}, acc)
+    out = acc.summary()
+    results = {
+        "step": int(step),
+        "fp": {metric: fp[metric], "loss": fp["loss"], **out},
+        "quantized": {},
+    }
+    say(
+        f"FP: {metric} {fp[metric]:.4g}, max inf norm {out['max_inf_norm']:.4g}, "
+        f"avg kurtosis {out['avg_kurtosis']:.4g}"
+    )
+
+    if needs_calibration(exp.plan) and extra:
+        trained = build(cfg, exp.plan.with_mode("quantize"))
+        r = run(trained, {"params": params, **extra})
+        results["quantized"]["trained"] = {metric: r[metric], "loss": r["loss"]}
+    calib = pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
+    host_params = jax.device_get(params)
+    for name, setup in exp.eval_setups().items():
+        r, report = evaluate_setup(cfg, setup, host_params, calib, run, ev["options"])
+        results["quantized"][name] = {
+            metric: r[metric],
+            "loss": r["loss"],
+            "points": {
+                "quantized": len(report.quantized),
+                "total": len(report.matched),
+                "unmatched": report.unmatched_points,
+                "unused_rules": report.unused_rules,
+            },
+        }
+        say(
+            f"{name}: {metric} {r[metric]:.4g} ({len(report.quantized)} of "
+            f"{len(report.matched)} points quantized)"
+        )
+
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        if ev["figures"]:
+            results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, task)
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(format_table(results, metric), flush=True)
+    return results
+
+
+def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, task) -> list[str]:
+    paths = [os.path.join(workdir, "outliers.png"), os.path.join(workdir, "attention_mass.png")]
+    figures.plot_outliers(outlier_summary["per_layer"], paths[0], f"{cfg.family}: outliers")
+    batch = next(iter(pipe.eval_batches(1)))
+    _, coll = jax.jit(
+        lambda v, b: model.apply(v, **model_inputs(cfg.family, b), mutable=[ATTENTION])
+    )({"params": params}, batch)
+    mass = figures.attention_mass(
+        jax.device_get(coll[ATTENTION]), batch, pipe.special_token_ids, cfg.family
+    )
+    figures.plot_attention_mass(mass, paths[1], f"{cfg.family}: attention on special tokens")
+    return paths
+
+
+def format_table(results: dict, metric: str) -> str:
+    def fmt(x):
+        return f"{x:.4g}" if isinstance(x, float) and math.isfinite(x) else str(x)
+
+    fp = results["fp"]
+    rows = [
+        ("setup", metric, "max inf norm", "avg kurtosis"),
+        ("FP", fmt(fp[metric]), fmt(fp["max_inf_norm"]), fmt(fp["avg_kurtosis"])),
+    ]
+    rows += [(k, fmt(v[metric]), "", "") for k, v in results["quantized"].items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"step {results['step']}\n" + "\n".join(lines)

@@ -1,0 +1,178 @@
+"""An experiment config, validated in full before any compute.
+
+Sections of the ml_collections config (each documented where it is consumed)::
+
+    task       'clm' | 'mlm' | 'classification' | 'image'
+    model      name (size preset, qtx.models.SIZES) + ModelConfig overrides, attention {...}
+    data       qtx.data (pipeline.py lists the fields)
+    optim      qtx.train.optim
+    train      TRAIN_DEFAULTS below
+    quant      qtx.quant.plan_from_config; mode 'off' trains in full precision, 'learn' is QAT
+    eval       EVAL_DEFAULTS below
+    mesh       qtx.train.mesh
+    init_from  '' | a qtx workdir | a local HF checkpoint directory
+
+Every invalid value raises ValueError naming the field, the allowed values and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from qtx.data.config import resolve_spec
+from qtx.evaluate.outliers import track_patterns
+from qtx.models import ModelConfig, model_config
+from qtx.quant import QuantPlan, plan_from_config, setup_rules
+from qtx.train.losses import FAMILIES_OF_TASK, HEAD_OF_TASK, TASKS
+from qtx.train.mesh import AXES
+from qtx.train.optim import optim_settings
+
+TRAIN_DEFAULTS = dict(
+    steps=1000,
+    seed=0,
+    log_every=50,
+    eval_every=0,  # 0: evaluate only at the end
+    checkpoint_every=500,
+    keep_checkpoints=3,
+    max_eval_batches=None,
+    async_checkpoint=True,
+    calib_batches=4,  # QAT: batches that initialise quantizer ranges and LSQ steps
+    calib_batch_size=None,  # None: the training batch size
+    tensorboard=True,
+)
+EVAL_DEFAULTS = dict(
+    setups=("W8A8",),  # quantized setups: names of qtx.quant.setup_rules (or {name: setup})
+    options={},  # preset options, e.g. {"weight_estimator": "mse"} for OPT
+    calib_batches=16,
+    calib_batch_size=32,
+    max_batches=None,
+    figures=True,
+)
+SECTIONS = ("task", "model", "data", "optim", "train", "quant", "eval", "mesh", "init_from")
+
+
+def _plain(x: Any) -> Any:
+    """ConfigDict / FrozenConfigDict -> plain dicts, recursively."""
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _settings(section: str, given: Mapping | None, defaults: dict) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"config.{section} has unknown field(s) {unknown}; allowed: {sorted(defaults)}."
+        )
+    return {**defaults, **given}
+
+
+@dataclasses.dataclass
+class Experiment:
+    task: str
+    model: ModelConfig
+    plan: QuantPlan
+    data: dict
+    optim: dict
+    train: dict
+    eval: dict
+    mesh: dict
+    init_from: str
+    raw: dict
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    def eval_setups(self) -> dict[str, str]:
+        """``{display name: setup string}`` of the quantized evaluations."""
+        setups = self.eval["setups"]
+        if isinstance(setups, Mapping):
+            return dict(setups)
+        return {s: s for s in setups}
+
+
+def load(config) -> Experiment:
+    """Validates every section of ``config`` and returns the typed experiment."""
+    raw = _plain(config)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config has unknown section(s) {unknown}; allowed: {list(SECTIONS)}.")
+    task = raw.get("task")
+    if task not in TASKS:
+        raise ValueError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
+    mcfg = dict(raw.get("model") or {})
+    if "name" not in mcfg:
+        raise ValueError(
+            "config.model.name is missing; allowed: a size preset such as "
+            "'opt-125m', 'bert-base' or 'vit-s16'."
+        )
+    name = mcfg.pop("name")
+    mcfg.setdefault("head", HEAD_OF_TASK[task])
+    model = model_config(name, mcfg)
+    if model.family not in FAMILIES_OF_TASK[task]:
+        raise ValueError(
+            f"config.model.name={name!r} (family {model.family}) cannot run config.task="
+            f"{task!r}; allowed families: {', '.join(FAMILIES_OF_TASK[task])}."
+        )
+    if model.head != HEAD_OF_TASK[task]:
+        raise ValueError(
+            f"config.model.head={model.head!r} does not fit config.task={task!r}; "
+            f"allowed: {HEAD_OF_TASK[task]!r}."
+        )
+    quant = dict(raw.get("quant") or {})
+    plan = plan_from_config(quant)
+    plan = plan.with_track(track_patterns(model.family))
+    data = dict(raw.get("data") or {})
+    resolve_spec(data, task)  # validates config.data without loading anything
+    optim = optim_settings(raw.get("optim"))
+    train = _settings("train", raw.get("train"), TRAIN_DEFAULTS)
+    for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "calib_batches"):
+        if int(train[f]) < 1:
+            raise ValueError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
+    if int(train["eval_every"]) < 0:
+        raise ValueError(
+            f"config.train.eval_every={train['eval_every']!r} is invalid; allowed: "
+            "0 (only at the end) or a positive integer."
+        )
+    batch = int(data.get("batch_size", 16))
+    if batch % int(optim["grad_accum"]):
+        raise ValueError(
+            f"config.optim.grad_accum={optim['grad_accum']} does not divide "
+            f"config.data.batch_size={batch}; allowed: a divisor of the batch size."
+        )
+    ev = _settings("eval", raw.get("eval"), EVAL_DEFAULTS)
+    exp = Experiment(
+        task,
+        model,
+        plan,
+        data,
+        optim,
+        train,
+        ev,
+        dict(raw.get("mesh") or {}),
+        str(raw.get("init_from") or ""),
+        raw,
+    )
+    for label, setup in exp.eval_setups().items():
+        try:
+            setup_rules(setup, **dict(ev["options"] or {}))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config.eval.setups[{label!r}]: {e}") from None
+    bad_mesh = sorted(set(exp.mesh) - set(AXES))
+    if bad_mesh:
+        raise ValueError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
+    return exp
+
+
+def default_workdir(config_path: str) -> str:
+    """``runs/<config file stem>[_<arg>]`` for ``configs/x.py[:arg]``."""
+    name, _, arg = config_path.partition(":")
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return os.path.join("runs", stem + (f"_{arg}" if arg else ""))

@@ -1,0 +1,201 @@
+"""The training loop: build, restore or initialise, step, log, evaluate, checkpoint.
+
+One code path from one CPU device to many GPU hosts: the state is created abstractly,
+sharded over the mesh, and restored from ``<workdir>/checkpoints`` whenever one exists (runs
+always resume). A NaN/Inf loss or gradient stops the run before the broken state can be
+saved, naming the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from qtx import quant
+from qtx.data import make_pipeline
+from qtx.evaluate.metrics import run_eval
+from qtx.models import build, dummy_inputs
+from qtx.train import experiment as experiment_lib
+from qtx.train.checkpoint import Checkpointer
+from qtx.train.losses import finite_or_raise, model_inputs
+from qtx.train.mesh import (
+    batch_sharding,
+    global_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    replicated,
+    tree_shardings,
+)
+from qtx.train.metrics import MetricWriter
+from qtx.train.optim import make_optimizer
+from qtx.train.pretrained import load_pretrained, merge_pretrained
+from qtx.train.steps import TrainState, make_eval_step, make_train_step
+
+
+def model_meta(exp: experiment_lib.Experiment) -> dict:
+    return {"task": exp.task, "model": dataclasses.asdict(exp.model), "config": exp.raw}
+
+
+def needs_calibration(plan: quant.QuantPlan) -> bool:
+    return plan.mode != "off" or any(
+        r.spec is not None and r.spec.mode not in (None, "off") for r in plan.rules
+    )
+
+
+def calibrated_variables(model_cfg, plan, variables, batches, family):
+    """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges."""
+    cal = build(model_cfg, plan.with_mode("calibrate"))
+    variables = quant.calibrate(
+        lambda v, b: cal.apply(v, **model_inputs(family, b), mutable=[quant.STATS]),
+        variables,
+        batches,
+    )
+    return quant.init_learnable(variables)
+
+
+def say(msg: str) -> None:
+    """A line on the console from process 0."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def report_points(model, variables, inputs, plan) -> quant.MatchReport:
+    points = quant.list_points(model.apply, variables, **inputs)
+    report = quant.match_report(plan, {k: v[0] for k, v in points.items()})
+    if plan.rules:
+        say(f"quantization: {report}")
+    return report
+
+
+def train(config, workdir: str) -> dict:
+    """Trains per ``config`` in ``workdir``; returns the last train and eval metrics."""
+    exp = experiment_lib.load(config)  # every config error surfaces here, before compute
+    maybe_initialize_distributed()
+    mesh = make_mesh(exp.mesh)
+    pipe = make_pipeline(
+        exp.data,
+        task=exp.task,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    cfg, plan, tr = exp.model, exp.plan, exp.train
+    if cfg.family != "vit" and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
+            f"tokenizer's {pipe.vocab_size}; allowed: >= {pipe.vocab_size}."
+        )
+    if exp.task in ("classification", "image") and pipe.num_classes not in (None, cfg.num_labels):
+        raise ValueError(
+            f"config.model.num_labels={cfg.num_labels} does not match the "
+            f"{pipe.num_classes} classes of config.data.name; allowed: "
+            f"{pipe.num_classes}."
+        )
+    steps = int(tr["steps"])
+    model = build(cfg, plan)
+    tx, schedule = make_optimizer(exp.optim, steps)
+    rng = jax.random.key(int(tr["seed"]))
+    init_rng, base_rng = jax.random.split(rng)
+    inputs = dummy_inputs(cfg, batch=1, seq_len=int(exp.data.get("seq_len", 128)))
+
+    def init_variables(r):
+        return model.init(r, **inputs)
+
+    abstract_vars = jax.eval_shape(init_variables, init_rng)
+    abstract_state = jax.eval_shape(
+        lambda v: TrainState(
+            jnp.zeros((), jnp.int32),
+            v["params"],
+            tx.init(v["params"]),
+            {k: x for k, x in v.items() if k != "params"},
+        ),
+        abstract_vars,
+    )
+    ckpt = Checkpointer(workdir, int(tr["keep_checkpoints"]), bool(tr["async_checkpoint"]))
+    start = ckpt.latest_step()
+    if start is not None:
+        # extra collections (quant_stats) exist only after calibration: take them as stored
+        if needs_calibration(plan):
+            extra = ckpt.restore_extra(start)
+            abstract_state = abstract_state.replace(extra=jax.eval_shape(lambda: extra))
+        sharding = tree_shardings(mesh, abstract_state)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            sharding,
+        )
+        state = ckpt.restore(abstract, start)
+        say(f"resumed from {ckpt.directory}/{start}")
+    else:
+        start = 0
+        var_sharding = tree_shardings(mesh, abstract_vars)
+        variables = jax.jit(init_variables, out_shardings=var_sharding)(init_rng)
+        variables = jax.device_get(variables)
+        if exp.init_from:
+            loaded = load_pretrained(exp.init_from, cfg)
+            variables["params"] = merge_pretrained(variables["params"], loaded)
+        if needs_calibration(plan):
+            n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
+            variables = calibrated_variables(
+                cfg, plan, variables, pipe.calib_batches(n, int(bs)), cfg.family
+            )
+        params = variables.pop("params")
+        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
+        sharding = tree_shardings(mesh, jax.eval_shape(lambda: state))
+        state = jax.device_put(state, sharding)
+    report_points(model, {"params": state.params, **state.extra}, inputs, plan)
+
+    train_step = make_train_step(
+        model, cfg.family, exp.task, tx, schedule, base_rng, int(exp.optim["grad_accum"])
+    )
+    p_train = jax.jit(
+        train_step,
+        in_shardings=(sharding, batch_sharding(mesh)),
+        out_shardings=(sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_model = build(cfg, plan.with_mode("quantize") if needs_calibration(plan) else plan)
+    p_eval = jax.jit(make_eval_step(eval_model, cfg.family, exp.task, collections=()))
+    writer = MetricWriter(workdir, steps, start, bool(tr["tensorboard"]))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(model_meta(exp), f, indent=1, default=str)
+    units = float(
+        pipe.batch_size * (1 if exp.task == "image" else int(exp.data.get("seq_len", 128)))
+    )
+    unit_name = "images" if exp.task == "image" else "tokens"
+    last = {}
+
+    def evaluate(step):
+        variables = {"params": state.params, **state.extra}
+        res = run_eval(
+            p_eval,
+            variables,
+            pipe.eval_batches(tr["max_eval_batches"]),
+            exp.task,
+            to_device=lambda b: global_batch(mesh, b),
+        )
+        return writer.write(step, "eval", res)
+
+    step = start
+    for step, batch in zip(range(start, steps), pipe.train_iterator(start), strict=False):
+        state, metrics = p_train(state, global_batch(mesh, batch))
+        metrics = jax.device_get(metrics)
+        finite_or_raise(float(metrics["loss"]), step + 1)
+        finite_or_raise(float(metrics["grad_norm"]), step + 1, "the gradient norm")
+        done = step + 1
+        if done % int(tr["log_every"]) == 0 or done == steps:
+            last["train"] = writer.write(done, "train", metrics)
+            writer.progress(done, last["train"], units, unit_name)
+        if int(tr["eval_every"]) and done % int(tr["eval_every"]) == 0 and done != steps:
+            last["eval"] = evaluate(done)
+        if done % int(tr["checkpoint_every"]) == 0 or done == steps:
+            ckpt.save(state, model_meta(exp))
+    if steps > start:
+        last["eval"] = evaluate(steps)
+    ckpt.close()
+    writer.close()
+    return last

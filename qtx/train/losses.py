@@ -1,0 +1,86 @@
+"""Task losses and the model inputs each task reads from a batch.
+
+Every loss returns ``(loss_sum, count, metrics)`` so that micro-batches and eval batches
+combine exactly: the mean loss is ``loss_sum / count``.
+
+* ``clm``: next-token cross-entropy, ``logits[:, :-1]`` against ``input_ids[:, 1:]`` where
+  both tokens are real (``attention_mask``);
+* ``mlm``: cross-entropy at the selected positions (``weights``) against ``targets``;
+* ``classification``: cross-entropy against ``label`` (MSE when the model has one output);
+* ``image``: cross-entropy against ``label_soft`` (mixup / label smoothing) or ``label``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+TASKS = ("clm", "mlm", "classification", "image")
+FAMILIES_OF_TASK = {
+    "clm": ("opt",),
+    "mlm": ("bert", "roberta"),
+    "classification": ("bert", "roberta"),
+    "image": ("vit",),
+}
+HEAD_OF_TASK = {
+    "clm": "clm",
+    "mlm": "mlm",
+    "classification": "classification",
+    "image": "classification",
+}
+
+
+def model_inputs(family: str, batch: dict) -> dict:
+    """Keyword arguments of the model call for a batch."""
+    if family == "vit":
+        return {"images": batch["image"]}
+    inputs = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if family in ("bert", "roberta") and "token_type_ids" in batch:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
+
+
+def _xent(logits, labels, weights):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def task_loss(task: str, logits, batch: dict):
+    """``(loss_sum, count, metrics)`` for one batch; metrics hold sums as well."""
+    if task == "clm":
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", jnp.ones_like(ids)).astype(jnp.float32)
+        w = mask[:, 1:] * mask[:, :-1]
+        loss, n = _xent(logits[:, :-1], ids[:, 1:], w)
+        return loss, n, {}
+    if task == "mlm":
+        w = batch["weights"].astype(jnp.float32)
+        loss, n = _xent(logits, batch["targets"], w)
+        correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w)
+        return loss, n, {"correct": correct}
+    w = batch.get("example_mask")
+    w = jnp.ones(logits.shape[:1], jnp.float32) if w is None else w.astype(jnp.float32)
+    if task == "classification" and logits.shape[-1] == 1:
+        err = (logits[:, 0].astype(jnp.float32) - batch["label"].astype(jnp.float32)) ** 2
+        return jnp.sum(err * w), jnp.sum(w), {}
+    labels = batch["label"].astype(jnp.int32)
+    soft = batch.get("label_soft")
+    if soft is not None:
+        ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), soft)
+        loss = jnp.sum(ce * w)
+    else:
+        loss, _ = _xent(logits, labels, w)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * w)
+    return loss, jnp.sum(w), {"correct": correct}
+
+
+def finite_or_raise(value: float, step: int, what: str = "loss") -> None:
+    """Fails fast on a NaN/Inf value, naming the step."""
+    if not jnp.isfinite(value):
+        raise FloatingPointError(
+            f"{what} is {value} at step {step}; training stopped and the last good checkpoint "
+            "is kept. Lower config.optim.lr, check the data, or use config.model.dtype="
+            "'float32'."
+        )

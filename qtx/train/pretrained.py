@@ -1,0 +1,101 @@
+"""Starting a run from pretrained weights (``config.init_from``): a qtx workdir or an HF dir.
+
+The pretrained tensors are copied into the freshly initialised parameter tree of the
+configured model, which may use another attention variant (clipped softmax, gates in
+fine-tuning mode) or quantization plan. Only parameters the new setup adds may stay fresh:
+gates (``attn/gate/``), quantizer steps and offsets, and a classification head that the
+checkpoint lacks. Every other model parameter without a pretrained value, every pretrained
+tensor with no place in the model (outside the heads the task drops) and every shape
+mismatch is an error naming the keys: nothing is silently re-initialised.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+from absl import logging
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from qtx.models import ModelConfig
+
+NEW_OK = (r"(^|/)attn/gate/", r"/(step|offset)$", r"^(classifier|dist_classifier)/", r"^pooler/")
+DROPPABLE = (r"^(mlm_head|lm_head|classifier|dist_classifier|pooler)/",)
+
+
+def merge_pretrained(fresh, loaded, new_ok=NEW_OK, droppable=DROPPABLE):
+    """Copies ``loaded`` into ``fresh`` (both param trees) under the rules above."""
+    f = {"/".join(k): v for k, v in flatten_dict(fresh).items()}
+    g = {"/".join(k): v for k, v in flatten_dict(loaded).items()}
+    missing = [k for k in f if k not in g and not any(re.search(p, k) for p in new_ok)]
+    unused = [k for k in g if k not in f and not any(re.search(p, k) for p in droppable)]
+    shapes = [
+        f"{k} {np.shape(g[k])} vs {np.shape(f[k])}"
+        for k in f
+        if k in g and np.shape(g[k]) != np.shape(f[k])
+    ]
+    if missing or unused or shapes:
+        raise ValueError(
+            "config.init_from does not fit the configured model: "
+            + "; ".join(
+                s
+                for s in (
+                    f"no pretrained value for {missing[:8]}" if missing else "",
+                    f"pretrained tensors with no place in the model {unused[:8]}" if unused else "",
+                    f"shape mismatches (pretrained vs model) {shapes[:8]}" if shapes else "",
+                )
+                if s
+            )
+            + "."
+        )
+    fresh_keys = sorted(k for k in f if k not in g)
+    if fresh_keys:
+        logging.info(
+            "init_from: %d new parameter(s) start fresh: %s",
+            len(fresh_keys),
+            ", ".join(fresh_keys[:12]),
+        )
+    dropped = sorted(k for k in g if k not in f)
+    if dropped:
+        logging.info("init_from: dropped %d head tensor(s): %s", len(dropped), ", ".join(dropped))
+    out = {
+        tuple(k.split("/")): (np.asarray(g[k], np.asarray(v).dtype) if k in g else v)
+        for k, v in f.items()
+    }
+    return unflatten_dict(out)
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def load_pretrained(path: str, cfg: ModelConfig):
+    """Pretrained parameters (a tree of numpy arrays) from a qtx workdir or an HF dir."""
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"config.init_from={path!r} is not a directory; allowed: a qtx workdir "
+            "(with checkpoints/) or a local Hugging Face checkpoint directory."
+        )
+    if is_hf_dir(path):
+        from qtx import hf
+
+        return hf.pretrained_params(path, cfg)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from qtx.train.checkpoint import Checkpointer
+
+        ck = Checkpointer(path, async_save=False)
+        if ck.latest_step() is None:
+            raise ValueError(f"config.init_from={path!r} has no checkpoint in checkpoints/.")
+        shapes = ck.stored_params_shapes()
+        abstract = unflatten_dict(
+            {tuple(k.split("/")): jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()}
+        )
+        return jax.tree.map(np.asarray, ck.restore_params(abstract))
+    raise ValueError(
+        f"config.init_from={path!r} holds neither checkpoints/ (qtx) nor "
+        "config.json + model.safetensors / pytorch_model.bin (Hugging Face)."
+    )

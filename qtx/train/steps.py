@@ -1,0 +1,140 @@
+"""Pure train and eval steps.
+
+``train_step(state, batch) -> (state, metrics)`` is jitted with ``donate_argnums=(0,)``; its
+dropout RNG is ``fold_in(base_rng, step)``, so a resumed run draws the same numbers as an
+uninterrupted one. With ``grad_accum = A`` the batch (B, ...) is split into A micro-batches
+of B/A rows whose gradients are averaged (weighted by their token counts) in a ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from qtx.train.losses import model_inputs, task_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``step`` (int32), ``params``, ``opt_state`` and the other variable collections
+    (``extra``, e.g. frozen ``quant_stats``) of the model."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any
+
+
+def create_state(params, tx: optax.GradientTransformation, extra=None) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), extra or {})
+
+
+def _forward_loss(
+    model: nn.Module,
+    family: str,
+    task: str,
+    params,
+    extra,
+    batch,
+    rng,
+    deterministic: bool,
+    aux: Callable | None,
+):
+    inputs = model_inputs(family, batch)
+    out = model.apply(
+        {"params": params, **extra},
+        **inputs,
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )
+    loss_sum, count, metrics = task_loss(task, out["logits"], batch)
+    loss = loss_sum / jnp.maximum(count, 1.0)
+    if aux is not None:  # extra loss terms (regularisers, distillation) of a method
+        extra_loss, extra_metrics = aux(params, out, batch, rng)
+        loss = loss + extra_loss
+        metrics = {**metrics, **extra_metrics}
+    return loss, (loss_sum, count, metrics)
+
+
+def make_train_step(
+    model: nn.Module,
+    family: str,
+    task: str,
+    tx,
+    schedule,
+    base_rng,
+    grad_accum: int = 1,
+    aux: Callable | None = None,
+):
+    """Builds the pure ``train_step(state, batch)``; ``aux(params, out, batch, rng) ->
+    (loss, metrics)`` adds a method's loss terms."""
+
+    def loss_of(params, extra, batch, rng):
+        return _forward_loss(model, family, task, params, extra, batch, rng, False, aux)
+
+    def grads_of(params, extra, batch, rng):
+        fn = jax.value_and_grad(loss_of, has_aux=True)
+        (loss, (loss_sum, count, metrics)), g = fn(params, extra, batch, rng)
+        return g, loss, loss_sum, count, metrics
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(base_rng, state.step)
+        if grad_accum == 1:
+            g, _, loss_sum, count, metrics = grads_of(state.params, state.extra, batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch
+            )
+
+            def body(carry, i_mb):
+                i, mb = i_mb
+                g, _, ls, n, m = grads_of(state.params, state.extra, mb, jax.random.fold_in(rng, i))
+                acc_g, acc_ls, acc_n, acc_m = carry
+                acc_g = jax.tree.map(lambda a, b: a + b * n, acc_g, g)
+                acc_m = jax.tree.map(jnp.add, acc_m, m)
+                return (acc_g, acc_ls + ls, acc_n + n, acc_m), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            m0 = jax.eval_shape(
+                lambda: grads_of(
+                    state.params, state.extra, jax.tree.map(lambda x: x[0], micro), rng
+                )[4]
+            )
+            m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            (g, loss_sum, count, metrics), _ = jax.lax.scan(
+                body, (zeros, 0.0, 0.0, m0), (jnp.arange(grad_accum), micro)
+            )
+            g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+        grad_norm = optax.global_norm(g)
+        updates, opt_state = tx.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {
+            "loss": loss_sum / jnp.maximum(count, 1.0),
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "count": count,
+            **{k: v for k, v in metrics.items() if jnp.ndim(v) == 0},
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, family: str, task: str, collections=("intermediates",)):
+    """``eval_step(variables, batch) -> (metrics, collected)``: summed loss / count / correct
+    of one batch and the sown collections (outlier statistics) as a dict."""
+
+    def eval_step(variables, batch):
+        out, collected = model.apply(
+            variables, **model_inputs(family, batch), mutable=list(collections)
+        )
+        loss_sum, count, metrics = task_loss(task, out["logits"], batch)
+        return {"loss_sum": loss_sum, "count": count, **metrics}, dict(collected)
+
+    return eval_step
