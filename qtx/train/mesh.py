@@ -39,18 +39,19 @@ def make_mesh(cfg: Mapping | None = None, devices=None) -> Mesh:
     devices = np.asarray(devices if devices is not None else jax.devices())
     n = devices.size
     sizes = [int(cfg.get("data", -1)), int(cfg.get("fsdp", 1))]
+    given = dict(zip(AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
         raise ValueError("config.mesh: at most one of data/fsdp may be -1 (all remaining).")
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes) or n % fixed:
         raise ValueError(
-            f"config.mesh={dict(zip(AXES, sizes))} does not fit {n} devices; allowed: positive "
+            f"config.mesh={given} does not fit {n} devices; allowed: positive "
             f"sizes (or one -1) whose product divides {n}."
         )
     sizes = [n // fixed if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n:
         raise ValueError(
-            f"config.mesh={dict(zip(AXES, sizes))} uses {int(np.prod(sizes))} of {n} devices; "
+            f"config.mesh={given} uses {int(np.prod(sizes))} of {n} devices; "
             "allowed: sizes whose product equals the device count."
         )
     return Mesh(devices.reshape(sizes), AXES)
