@@ -6,7 +6,16 @@ offline on a 2-core CPU in a few minutes on the embedded / local data.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from qtx.data.config import DEFAULTS as DATA_DEFAULTS
+from qtx.models import ModelConfig
+from qtx.nn import AttentionConfig
+from qtx.train.experiment import EVAL_DEFAULTS, TRAIN_DEFAULTS
+from qtx.train.optim import DEFAULTS as OPTIM_DEFAULTS
 
 # Quantizable Transformers' attention variants per family (REFERENCE.md §1).
 ATTENTION = {
@@ -32,15 +41,40 @@ ATTENTION = {
 }
 
 
+_TYPES = {"word_embed_proj_dim": int, "softmax_T": int, "alpha": float}
+
+
+def _fields(cls, skip=()) -> dict:
+    """Every field of a config dataclass as an unset placeholder (None = the preset's value),
+    so that ``--config.model.<field>=...`` overrides work from the command line."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = _TYPES.get(f.name) or type(f.default)
+        out[f.name] = placeholder(t)
+    return out
+
+
+def model_section(name: str, attention: dict) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict(_fields(ModelConfig, skip=("family", "attention")))
+    m.name = name
+    m.attention = ml_collections.ConfigDict(_fields(AttentionConfig))
+    m.attention.update(**attention)
+    return m
+
+
 def base(task: str, model_name: str, attention: dict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
-    c.model = ml_collections.ConfigDict({"name": model_name, "attention": dict(attention)})
-    c.data = ml_collections.ConfigDict()
-    c.optim = ml_collections.ConfigDict()
-    c.train = ml_collections.ConfigDict()
-    c.quant = ml_collections.ConfigDict({"preset": "none", "mode": "off"})
-    c.eval = ml_collections.ConfigDict()
+    c.model = model_section(model_name, attention)
+    c.data = ml_collections.ConfigDict(DATA_DEFAULTS)
+    c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
+    c.train = ml_collections.ConfigDict(TRAIN_DEFAULTS)
+    c.quant = ml_collections.ConfigDict(
+        {"preset": "none", "bits": None, "options": {}, "rules": (), "mode": "off", "track": ()}
+    )
+    c.eval = ml_collections.ConfigDict(EVAL_DEFAULTS)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.init_from = ""
     return c
@@ -50,54 +84,37 @@ def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     """BERT-base MLM pretraining (QT: seq 128, batch 256, 1M steps, lr 1e-4, 10k warmup)."""
     c = base("mlm", "bert-base", ATTENTION["bert"][variant])
     c.model.dtype = "bfloat16"
-    c.data = ml_collections.ConfigDict(
-        dict(
-            name="wiki40b",
-            tokenizer="bert-base-uncased",
-            seq_len=128,
-            batch_size=256,
-            mlm_probability=0.15,
-            max_eval_batches=2000,
-        )
+    c.data.update(
+        name="wiki40b",
+        tokenizer="bert-base-uncased",
+        seq_len=128,
+        batch_size=256,
+        mlm_probability=0.15,
+        max_eval_batches=2000,
     )
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            lr=1e-4,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-6,
-            weight_decay=0.01,
-            decay_ln_gamma=False,
-            schedule="linear",
-            warmup_steps=10_000,
-            clip_norm=1.0,
-            grad_accum=1,
-        )
+    c.optim.update(
+        lr=1e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-6,
+        weight_decay=0.01,
+        decay_ln_gamma=False,
+        schedule="linear",
+        warmup_steps=10_000,
+        clip_norm=1.0,
     )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=1_000_000,
-            log_every=200,
-            eval_every=50_000,
-            checkpoint_every=10_000,
-            max_eval_batches=2000,
-        )
+    c.train.update(
+        steps=1_000_000,
+        log_every=200,
+        eval_every=50_000,
+        checkpoint_every=10_000,
+        max_eval_batches=2000,
     )
-    c.eval = ml_collections.ConfigDict(
-        dict(setups=("W8A8",), options={}, calib_batches=16, calib_batch_size=32, max_batches=2000)
-    )
+    c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32, max_batches=2000)
     if arg == "tiny":
-        c.model.name = "bert-tiny"
-        c.model.dtype = "float32"
-        c.data = ml_collections.ConfigDict(
-            dict(
-                name="wikitext2_embedded",
-                tokenizer="qtx:wordpiece",
-                seq_len=128,
-                batch_size=16,
-                mlm_probability=0.15,
-                max_eval_batches=20,
-            )
+        c.model.update(name="bert-tiny", dtype="float32")
+        c.data.update(
+            name="wikitext2_embedded", tokenizer="qtx:wordpiece", batch_size=16, max_eval_batches=20
         )
         c.optim.update(lr=1e-3, warmup_steps=20)
         c.train.update(
@@ -114,47 +131,38 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
     c.model.update(
         dtype="bfloat16", max_positions=512, init_std=0.006, dropout=0.1, attention_dropout=0.0
     )
-    c.data = ml_collections.ConfigDict(
-        dict(
-            name="wiki40b",
-            tokenizer="facebook/opt-125m",
-            seq_len=512,
-            batch_size=192,
-            max_eval_batches=500,
-        )
+    c.data.update(
+        name="wiki40b",
+        tokenizer="facebook/opt-125m",
+        seq_len=512,
+        batch_size=192,
+        max_eval_batches=500,
     )
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            lr=4e-4,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            decay_ln_gamma=True,
-            schedule="linear",
-            warmup_steps=2000,
-            clip_norm=1.0,
-            grad_accum=4,
-        )
+    c.optim.update(
+        lr=4e-4,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        decay_ln_gamma=True,
+        schedule="linear",
+        warmup_steps=2000,
+        clip_norm=1.0,
+        grad_accum=4,
     )
-    steps = {"opt-125m": 125_000}.get(size, 100_000)
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=steps,
-            log_every=100,
-            eval_every=10_000,
-            checkpoint_every=5000,
-            max_eval_batches=500,
-        )
+    c.train.update(
+        steps={"opt-125m": 125_000}.get(size, 100_000),
+        log_every=100,
+        eval_every=10_000,
+        checkpoint_every=5000,
+        max_eval_batches=500,
     )
-    c.eval = ml_collections.ConfigDict(
-        dict(
-            setups=("W8A8",),
-            options={"weight_estimator": "mse"},
-            calib_batches=4,
-            calib_batch_size=8,
-            max_batches=500,
-        )
+    c.eval.update(
+        setups=("W8A8",),
+        options={"weight_estimator": "mse"},
+        calib_batches=4,
+        calib_batch_size=8,
+        max_batches=500,
     )
     if size == "opt-350m":
         c.data.batch_size = 264
@@ -165,24 +173,22 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
         c.model.remat = True
         c.mesh.update(data=-1, fsdp=8)
     if arg == "tiny":
-        c.model.name = "opt-tiny"
-        c.model.update(dtype="float32", max_positions=128, init_std=0.02)
+        c.model.update(name="opt-tiny", dtype="float32", max_positions=128, init_std=0.02)
         if variant == "clipped":
             c.model.attention.softmax_T = 128
-        c.data = ml_collections.ConfigDict(
-            dict(
-                name="wikitext2_embedded",
-                tokenizer="qtx:bpe",
-                seq_len=128,
-                batch_size=16,
-                max_eval_batches=20,
-            )
+        c.data.update(
+            name="wikitext2_embedded",
+            tokenizer="qtx:bpe",
+            seq_len=128,
+            batch_size=16,
+            max_eval_batches=20,
         )
         c.optim.update(lr=1e-3, warmup_steps=20, grad_accum=1)
         c.train.update(
             steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
         )
         c.eval.update(calib_batches=4, calib_batch_size=8, max_batches=20)
+        c.model.remat = False
         c.mesh.update(data=-1, fsdp=1)
     return c
 
@@ -191,59 +197,54 @@ def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collec
     """ViT-S/16 on ImageNet-1K with the DeiT recipe (300 epochs, batch 1024, lr 1e-3)."""
     c = base("image", size, ATTENTION["vit"][variant])
     c.model.update(dtype="bfloat16", drop_path=0.1)
-    c.data = ml_collections.ConfigDict(
-        dict(
-            name="imagenet2012",
-            image_size=224,
-            batch_size=1024,
-            mixup_alpha=0.8,
-            cutmix_alpha=1.0,
-            label_smoothing=0.1,
-            random_erase=0.25,
-        )
+    c.data.update(
+        name="imagenet2012",
+        image_size=224,
+        batch_size=1024,
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+        random_erase=0.25,
     )
     epoch = 1_281_167 // 1024
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            lr=1e-3,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.05,
-            decay_ln_gamma=False,
-            no_decay=(r"embed/(position|cls|dist)",),
-            schedule="cosine",
-            warmup_steps=5 * epoch,
-            clip_norm=1.0,
-        )
+    c.optim.update(
+        lr=1e-3,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.05,
+        decay_ln_gamma=False,
+        no_decay=(r"embed/(position|cls|dist)",),
+        schedule="cosine",
+        warmup_steps=5 * epoch,
+        clip_norm=1.0,
     )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=300 * epoch,
-            log_every=100,
-            eval_every=10 * epoch,
-            checkpoint_every=2 * epoch,
-            max_eval_batches=None,
-        )
+    c.train.update(
+        steps=300 * epoch, log_every=100, eval_every=10 * epoch, checkpoint_every=2 * epoch
     )
-    c.eval = ml_collections.ConfigDict(
-        dict(setups=("W8A8",), options={}, calib_batches=16, calib_batch_size=32, max_batches=None)
-    )
+    c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32)
     if arg == "tiny":
-        c.model.name = "vit-tiny"
         c.model.update(
+            name="vit-tiny",
             dtype="float32",
             drop_path=0.0,
             image_size=28,
             patch_size=4,
             num_channels=1,
             num_labels=10,
-            max_positions=50,
         )
         if variant == "clipped":
             c.model.attention.softmax_T = 50
-        c.data = ml_collections.ConfigDict(
-            dict(name="mnist_local", image_size=28, channels=1, batch_size=32, max_eval_batches=10)
+        c.data.update(
+            name="mnist_local",
+            image_size=28,
+            channels=1,
+            batch_size=32,
+            max_eval_batches=10,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            label_smoothing=0.0,
+            random_erase=0.0,
         )
         c.optim.update(lr=1e-3, warmup_steps=20)
         c.train.update(

@@ -45,6 +45,7 @@ def plot_outliers(per_layer: dict, path: str, title: str = "") -> None:
                 )
         ax.set_yscale("log")
         ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("mean " + metric.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -85,7 +86,9 @@ def attention_mass(attention, batch: dict, special_ids, family: str) -> np.ndarr
 
 def plot_attention_mass(mass: np.ndarray, path: str, title: str = "") -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * mass.shape[1], 1 + 0.4 * mass.shape[0]))
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.5 + 0.5 * mass.shape[1]), max(3.0, 1.0 + 0.4 * mass.shape[0]))
+    )
     im = ax.imshow(mass, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")

@@ -243,6 +243,8 @@ def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
         raise ValueError(f"config.quant has unknown field(s) {unknown}; allowed: {sorted(known)}.")
     extra = tuple(rule_from_dict(r) for r in (cfg.get("rules") or ()))
     preset = cfg.get("preset") or "none"
+    if cfg.get("bits"):
+        parse_bits(cfg["bits"])
     base = ()
     if preset != "none":
         base = preset_rules(preset, cfg.get("bits") or None, **dict(cfg.get("options") or {}))

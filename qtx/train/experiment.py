@@ -107,7 +107,10 @@ def load(config) -> Experiment:
     task = raw.get("task")
     if task not in TASKS:
         raise ValueError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
-    mcfg = dict(raw.get("model") or {})
+    # None means "the size preset's value" (configs list every field as an unset placeholder)
+    mcfg = {k: v for k, v in dict(raw.get("model") or {}).items() if v is not None}
+    if isinstance(mcfg.get("attention"), Mapping):
+        mcfg["attention"] = {k: v for k, v in mcfg["attention"].items() if v is not None}
     if "name" not in mcfg:
         raise ValueError(
             "config.model.name is missing; allowed: a size preset such as "

@@ -71,11 +71,14 @@ def report_points(model, variables, inputs, plan) -> quant.MatchReport:
     return report
 
 
-def train(config, workdir: str) -> dict:
-    """Trains per ``config`` in ``workdir``; returns the last train and eval metrics."""
+def train(config, workdir: str, devices=None) -> dict:
+    """Trains per ``config`` in ``workdir``; returns the last train and eval metrics.
+
+    ``devices`` restricts the mesh to a subset of ``jax.devices()`` (tests use one device).
+    """
     exp = experiment_lib.load(config)  # every config error surfaces here, before compute
     maybe_initialize_distributed()
-    mesh = make_mesh(exp.mesh)
+    mesh = make_mesh(exp.mesh, devices)
     pipe = make_pipeline(
         exp.data,
         task=exp.task,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import jax
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -121,7 +120,3 @@ def make_optimizer(
         )
     )
     return optax.chain(*parts), schedule
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

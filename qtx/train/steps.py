@@ -111,7 +111,7 @@ def make_train_step(
                 body, (zeros, 0.0, 0.0, m0), (jnp.arange(grad_accum), micro)
             )
             g = jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
-        grad_norm = optax.global_norm(g)
+        grad_norm = optax.tree.norm(g)
         updates, opt_state = tx.update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {

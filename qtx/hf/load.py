@@ -1,0 +1,282 @@
+"""Loading Hugging Face checkpoints into qtx models.
+
+``load(path)`` reads a local checkpoint directory, builds the :class:`ModelConfig` from its
+``config.json`` and copies every tensor into the flax tree. It is strict: a checkpoint key
+that maps to nothing, or a model parameter without a checkpoint value, raises ValueError
+naming them. The only parameters initialised fresh (by ``model.init``) are
+
+* those an ``attention=`` variant or a quantization ``plan`` adds (gates, LSQ steps), and
+* a task head the caller asked for (``head=``) that the checkpoint does not have
+  (a warning lists them); the checkpoint's own head is then dropped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from qtx.hf import convert_bert, convert_opt, convert_vit, io
+from qtx.hf.common import to_ours
+from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.registry import build, dummy_inputs
+from qtx.nn.attention import AttentionConfig
+from qtx.quant import QuantPlan
+
+CONVERTERS: dict[str, ModuleType] = {
+    "bert": convert_bert,
+    "roberta": convert_bert,
+    "opt": convert_opt,
+    "vit": convert_vit,
+}
+_BY_MODEL_TYPE = {mt: m for m in (convert_bert, convert_opt, convert_vit) for mt in m.MODEL_TYPES}
+
+
+def _hf_config_object(hf_config):
+    if not isinstance(hf_config, Mapping):
+        return hf_config  # a transformers PretrainedConfig
+    d = dict(hf_config)
+    if d.get("model_type") not in _BY_MODEL_TYPE:
+        raise ValueError(
+            f"Hugging Face model_type={d.get('model_type')!r} is not supported; allowed: "
+            f"{', '.join(sorted(_BY_MODEL_TYPE))}."
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**d)
+
+
+def _arch_and_head(c, module, head: str | None) -> tuple[str | None, str]:
+    archs = list(getattr(c, "architectures", None) or [])
+    arch = archs[0] if archs else None
+    allowed = [a for a in module.ARCHITECTURES if a.lower().startswith(c.model_type)]
+    if arch is not None and arch not in allowed:
+        raise ValueError(
+            f"architecture {arch!r} is not supported; allowed for model_type "
+            f"{c.model_type!r}: {', '.join(allowed)}."
+        )
+    ckpt_head = module.ARCHITECTURES[arch] if arch else "none"
+    return arch, head or ckpt_head
+
+
+def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
+    """ModelConfig of a HF config (``config.json`` dict or ``PretrainedConfig``).
+
+    The family comes from ``model_type`` (bert, roberta, opt, vit, deit), the head from
+    ``architectures[0]`` (base models: ``none``) unless ``head`` is given.
+    """
+    c = _hf_config_object(hf_config)
+    if c.model_type not in _BY_MODEL_TYPE:
+        raise ValueError(f"Hugging Face model_type={c.model_type!r} is not supported.")
+    module = _BY_MODEL_TYPE[c.model_type]
+    arch, head = _arch_and_head(c, module, head)
+    return module.config_from_hf(c, arch, head)
+
+
+def _convert(sd: Mapping, cfg: ModelConfig):
+    """``(flat params, {path: hf key}, {paths of head entries})`` of the vanilla ``cfg``
+    model; raises on checkpoint keys that map to nothing and on parameters left without a
+    checkpoint value."""
+    module = CONVERTERS[cfg.family]
+    sd, _ = module.canonical(dict(sd), cfg)
+    layout = module.layout(cfg)
+    entries = {e.hf: e for e in layout}
+    unknown = sorted(k for k in sd if k not in entries)
+    if unknown:
+        raise ValueError(
+            f"checkpoint key(s) {unknown} map to no parameter of the qtx {cfg.family} model "
+            f"(head={cfg.head!r}); qtx never drops weights silently."
+        )
+    missing = sorted(e.hf for e in layout if e.hf not in sd)
+    if missing:
+        raise ValueError(
+            f"checkpoint lacks the key(s) {missing} of the qtx {cfg.family} model "
+            f"(head={cfg.head!r}); refusing to initialise pretrained weights randomly."
+        )
+    flat, origin, head = {}, {}, set()
+    for key, value in sd.items():
+        e = entries[key]
+        flat[e.ours] = to_ours(e.kind, value)
+        origin[e.ours] = key
+        if e.head:
+            head.add(e.ours)
+    return flat, origin, head
+
+
+def params_from_hf(family: str, state_dict: Mapping, cfg: ModelConfig) -> dict:
+    """Nested flax params of the vanilla ``cfg`` model from a HF state dict (numpy arrays in
+    torch layout; base prefixes optional). Every key must map and every parameter must be
+    present, else ValueError naming them."""
+    family = "vit" if family == "deit" else family
+    if family != cfg.family:
+        raise ValueError(f"family={family!r} does not match config.model.family={cfg.family!r}.")
+    flat, _, _ = _convert(state_dict, cfg)
+    return unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def _shapes(model, cfg: ModelConfig, seed: int):
+    inputs = dummy_inputs(cfg, batch=1, seq_len=4)
+    return jax.eval_shape(lambda: model.init(jax.random.key(seed), **inputs))
+
+
+def _check_against(flat, origin, vanilla_shapes, fresh_ok, cfg) -> list:
+    """Shape and coverage checks of the converted params against the vanilla model."""
+    extra = sorted(origin[p] for p in flat if p not in vanilla_shapes)
+    if extra:
+        raise ValueError(
+            f"checkpoint key(s) {extra} have no parameter in the qtx {cfg.family} model "
+            f"(head={cfg.head!r})."
+        )
+    bad = [
+        f"{origin[p]} {tuple(v.shape)} -> {'/'.join(p)} {tuple(vanilla_shapes[p].shape)}"
+        for p, v in flat.items()
+        if tuple(v.shape) != tuple(vanilla_shapes[p].shape)
+    ]
+    if bad:
+        raise ValueError(f"checkpoint tensor shape(s) do not match the qtx model: {bad}.")
+    missing = [p for p in vanilla_shapes if p not in flat]
+    not_ok = sorted("/".join(p) for p in missing if p[0] not in fresh_ok)
+    if not_ok:
+        raise ValueError(
+            f"qtx parameter(s) {not_ok} have no value in the checkpoint; refusing to initialise "
+            "pretrained weights randomly."
+        )
+    return sorted("/".join(p) for p in missing)
+
+
+def load(
+    path,
+    *,
+    head: str | None = None,
+    attention: Mapping[str, Any] | None = None,
+    plan: QuantPlan | None = None,
+    dtype: str = "float32",
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+):
+    """Loads a local HF checkpoint dir into ``(model, variables)``.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``.
+      head: ``mlm``, ``classification``, ``clm`` or ``none``; default: the checkpoint's.
+      attention: AttentionConfig fields (e.g. ``{"gate": "linear", "gate_finetune": True}``);
+        parameters the variant adds are initialised by ``model.init``, all others copied.
+      plan: quantization plan of the built model. Its learnable steps (LSQ) get
+        ``model.init`` placeholders; calibrate and call ``qtx.quant.init_learnable``.
+      dtype: compute dtype (``config.model.dtype``); parameters stay float32.
+      overrides: further ModelConfig fields (e.g. ``{"dropout": 0.0}``).
+      seed: PRNG seed of ``model.init`` for the fresh parameters.
+    """
+    hf = io.read_config(path)
+    ckpt_cfg = config_from_hf(hf)
+    module = CONVERTERS[ckpt_cfg.family]
+    sd = io.read_state_dict(path)
+    keys, _ = module.canonical(dict(sd), ckpt_cfg)
+    if not hf.get("architectures"):  # e.g. a bare config.save_pretrained: the keys tell
+        ckpt_cfg = config_from_hf(hf, head=module.infer_head(keys))
+        keys, _ = module.canonical(dict(sd), ckpt_cfg)
+    ckpt_cfg = module.refine(ckpt_cfg, keys)
+    flat, origin, ckpt_head = _convert(sd, ckpt_cfg)
+
+    changes = dict(overrides or {})
+    changes.setdefault("dtype", dtype)
+    if head is not None:
+        changes["head"] = head
+    cfg = model_config_from_dict(changes, ckpt_cfg)
+    fresh_ok: tuple[str, ...] = ()
+    if cfg.head != ckpt_cfg.head:
+        head_paths = {e.ours for e in module.layout(cfg) if e.head}
+        thrown = sorted(origin[p] for p in flat if p in ckpt_head or p in head_paths)
+        flat = {p: v for p, v in flat.items() if p not in ckpt_head and p not in head_paths}
+        fresh_ok = module.head_prefixes(cfg)
+        if thrown:
+            warnings.warn(
+                f"head={cfg.head!r}: dropped the checkpoint's head key(s) {thrown}.", stacklevel=2
+            )
+    vanilla = cfg.replace(attention=AttentionConfig())
+    vanilla_shapes = flatten_dict(_shapes(build(vanilla), vanilla, seed)["params"])
+    fresh = _check_against(flat, origin, vanilla_shapes, fresh_ok, cfg)
+    if fresh:
+        warnings.warn(
+            f"head={cfg.head!r}: initialised {fresh} fresh (not in the checkpoint).", stacklevel=2
+        )
+
+    if attention is not None:
+        cfg = model_config_from_dict({"attention": dict(attention)}, cfg)
+    model = build(cfg, plan)
+    shapes = _shapes(model, cfg, seed)
+    needs_init = set(shapes) != {"params"} or set(flatten_dict(shapes["params"])) != set(flat)
+    if needs_init:
+        variables = model.init(jax.random.key(seed), **dummy_inputs(cfg, batch=1, seq_len=4))
+        params = flatten_dict(variables["params"])
+        for p, v in flat.items():
+            params[p] = jnp.asarray(v, params[p].dtype)
+        variables = {**variables, "params": unflatten_dict(params)}
+    else:
+        variables = {"params": unflatten_dict({p: jnp.asarray(v) for p, v in flat.items()})}
+    return model, variables
+
+
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "max_positions",
+    "type_vocab_size",
+    "pre_ln",
+    "final_ln",
+    "activation",
+    "word_embed_proj_dim",
+    "position_offset",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "distillation_token",
+    "use_bias",
+)
+
+
+def pretrained_params(path, cfg: ModelConfig) -> dict:
+    """The parameters of the checkpoint at ``path`` (its own head) for starting ``cfg``.
+
+    The checkpoint's architecture must equal ``cfg``'s (family and the shape-defining fields;
+    ``cfg.vocab_size`` may be larger, e.g. OPT's padded 50272): any difference is an error
+    naming ``config.model.<field>``. Heads, gates and quantizer parameters are reconciled by
+    :func:`qtx.train.pretrained.merge_pretrained`.
+    """
+    hf = io.read_config(path)
+    ckpt_cfg = config_from_hf(hf)
+    module = CONVERTERS[ckpt_cfg.family]
+    sd = io.read_state_dict(path)
+    keys, _ = module.canonical(dict(sd), ckpt_cfg)
+    if not hf.get("architectures"):
+        ckpt_cfg = config_from_hf(hf, head=module.infer_head(keys))
+        keys, _ = module.canonical(dict(sd), ckpt_cfg)
+    ckpt_cfg = module.refine(ckpt_cfg, keys)
+    if ckpt_cfg.family != cfg.family:
+        raise ValueError(
+            f"config.init_from is a {ckpt_cfg.family} checkpoint; "
+            f"config.model.name is a {cfg.family} model."
+        )
+    diffs = [
+        f"config.model.{f}={getattr(cfg, f)!r} (checkpoint: {getattr(ckpt_cfg, f)!r})"
+        for f in ARCHITECTURE_FIELDS
+        if getattr(cfg, f) != getattr(ckpt_cfg, f)
+    ]
+    if cfg.family != "vit" and cfg.vocab_size != ckpt_cfg.vocab_size:
+        diffs.append(
+            f"config.model.vocab_size={cfg.vocab_size} (checkpoint: {ckpt_cfg.vocab_size})"
+        )
+    if diffs:
+        raise ValueError(
+            f"the checkpoint at {path} has another architecture: " + "; ".join(diffs) + "."
+        )
+    flat, _, _ = _convert(sd, ckpt_cfg)
+    return unflatten_dict({k: np.asarray(v) for k, v in flat.items()})

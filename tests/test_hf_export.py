@@ -1,0 +1,228 @@
+"""qtx -> HF export round trips, loading into attention variants, heads and strict errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import qtx.hf  # noqa: E402
+from qtx.hf import io  # noqa: E402
+from qtx.models import build, dummy_inputs, model_config  # noqa: E402
+
+torch.set_num_threads(2)
+ATOL = 1e-4
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37)
+GATE = {"gate": "linear", "gate_finetune": True, "pi_init": 0.25, "gate_init_std": 0.0}
+
+
+def random_variables(cfg, seed=0):
+    """``model.init`` plus noise on every leaf (so zero biases / unit LN scales are tested)."""
+    v = build(cfg).init(jax.random.key(seed), **dummy_inputs(cfg))
+    leaves, tree = jax.tree.flatten(v)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+def text_inputs(vocab, pad):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (2, 7))
+    mask = np.ones((2, 7), np.int64)
+    mask[1, -2:] = 0
+    ids[1, -2:] = pad
+    return ids, mask
+
+
+def hf_bert(tmp_path, cls=transformers.BertForSequenceClassification, seed=0):
+    torch.manual_seed(seed)
+    c = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=3,
+    )
+    hf = cls(c).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+CASES = {
+    "bert_mlm": ("bert-tiny", dict(head="mlm", pooler=False)),
+    "bert_cls": ("bert-tiny", dict(head="classification", num_labels=3)),
+    "roberta_cls": ("roberta-tiny", dict(head="classification", pooler=False, max_positions=40)),
+    "opt_post_ln_proj": ("opt-tiny", dict(pre_ln=False, final_ln=False, word_embed_proj_dim=16)),
+    "opt_base": ("opt-tiny", dict(head="none")),
+    "vit_cls": ("vit-tiny", dict(num_channels=3)),
+    "deit_distilled": ("vit-tiny", dict(num_channels=3, distillation_token=True, max_positions=18)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_round_trip(tmp_path, case):
+    name, over = CASES[case]
+    if name != "vit-tiny":
+        over = dict(over, vocab_size=99, max_positions=over.get("max_positions", 40))
+    cfg = model_config(name, dict(SMALL, **over))
+    model, variables = build(cfg), random_variables(cfg)
+    qtx.hf.export(tmp_path, cfg, variables)
+    arch = io.read_config(tmp_path)["architectures"][0]
+    hf = getattr(transformers, arch).from_pretrained(tmp_path).eval()
+
+    if cfg.family == "vit":
+        x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+        with torch.no_grad():
+            ref = hf(pixel_values=torch.tensor(x), output_hidden_states=True)
+        out = model.apply(
+            variables, jnp.asarray(x.transpose(0, 2, 3, 1)), output_hidden_states=True
+        )
+        mask = None
+    else:
+        ids, mask = text_inputs(99, cfg.pad_token_id)
+        with torch.no_grad():
+            ref = hf(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                output_hidden_states=True,
+            )
+        out = model.apply(variables, jnp.asarray(ids), jnp.asarray(mask), output_hidden_states=True)
+        mask = mask.astype(bool) if cfg.family == "opt" else None
+    pairs = list(zip(ref.hidden_states, out["hidden_states"], strict=True))
+    if "logits" in out:
+        pairs.append((ref.logits, out["logits"]))
+    diffs = [np.abs(h.numpy() - np.asarray(o)) for h, o in pairs]
+    diff = max(float((d[mask] if mask is not None else d).max()) for d in diffs)
+    print(f"{case}: max abs diff {diff:.2e}")
+    assert diff < ATOL
+
+    loaded, v2 = qtx.hf.load(tmp_path)
+    assert loaded.cfg == cfg
+    a, b = flatten_dict(variables["params"]), flatten_dict(v2["params"])
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        (dict(attention=GATE), "config.model.attention.gate"),
+        (dict(attention={"softmax": "clipped", "gamma": -0.03}), "config.model.attention.softmax"),
+        (dict(attention={"softmax": "off_by_one"}), "config.model.attention.softmax"),
+        (dict(fused_qkv=True), "config.model.fused_qkv"),
+        (dict(pre_ln=True), "config.model.pre_ln"),
+    ],
+)
+def test_export_rejects_variants(tmp_path, over, field):
+    cfg = model_config("bert-tiny", dict(SMALL, vocab_size=99, **over))
+    variables = jax.eval_shape(lambda: build(cfg).init(jax.random.key(0), **dummy_inputs(cfg)))
+    with pytest.raises(ValueError, match=field) as e:
+        qtx.hf.export(tmp_path, cfg, variables)
+    assert "orbax" in str(e.value)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_load_into_gated_variant_keeps_weights(tmp_path):
+    hf_bert(tmp_path)
+    ids, mask = text_inputs(99, 0)
+    m0, v0 = qtx.hf.load(tmp_path)
+    m1, v1 = qtx.hf.load(tmp_path, attention=GATE)
+    assert m1.cfg.attention.gate == "linear"
+    p0, p1 = flatten_dict(v0["params"]), flatten_dict(v1["params"])
+    gate = {k for k in p1 if "gate" in k}
+    assert gate and set(p1) - gate == set(p0)
+    for k in p0:
+        np.testing.assert_array_equal(np.asarray(p0[k]), np.asarray(p1[k]), err_msg=str(k))
+    for k in gate:
+        if k[-1] == "kernel":
+            assert not np.any(np.asarray(p1[k]))
+    y0 = m0.apply(v0, jnp.asarray(ids), jnp.asarray(mask))["logits"]
+    y1 = m1.apply(v1, jnp.asarray(ids), jnp.asarray(mask))["logits"]
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-6)
+    # A variant without new parameters (clipped softmax) loads every weight as well.
+    m2, v2 = qtx.hf.load(tmp_path, attention={"softmax": "clipped", "gamma": -0.0})
+    assert set(flatten_dict(v2["params"])) == set(p0)
+
+
+def _rewrite(path, change):
+    sd = io.read_state_dict(path)
+    change(sd)
+    io.write_safetensors(path / "model.safetensors", sd)
+
+
+def test_unknown_tensor_raises(tmp_path):
+    hf_bert(tmp_path)
+    key = "bert.encoder.layer.0.attention.self.extra_scale"
+    _rewrite(tmp_path, lambda sd: sd.__setitem__(key, np.ones(4, np.float32)))
+    with pytest.raises(ValueError, match="encoder.layer.0.attention.self.extra_scale"):
+        qtx.hf.load(tmp_path)
+
+
+def test_missing_tensor_raises(tmp_path):
+    hf_bert(tmp_path)
+    _rewrite(tmp_path, lambda sd: sd.pop("bert.encoder.layer.1.output.dense.bias"))
+    with pytest.raises(ValueError, match=r"encoder\.layer\.1\.output\.dense\.bias"):
+        qtx.hf.load(tmp_path)
+
+
+def test_untied_decoder_raises(tmp_path):
+    hf_bert(tmp_path, transformers.BertForMaskedLM)
+    _rewrite(
+        tmp_path,
+        lambda sd: sd.__setitem__("cls.predictions.decoder.weight", np.ones((99, 32), np.float32)),
+    )
+    with pytest.raises(ValueError, match="not tied"):
+        qtx.hf.load(tmp_path)
+
+
+def test_head_override(tmp_path):
+    """A base checkpoint loads with a new classification head (fresh, with a warning); a
+    classification checkpoint loads as a bare encoder (its head dropped, with a warning)."""
+    hf_bert(tmp_path / "base", transformers.BertModel)
+    with pytest.warns(UserWarning, match="classifier/dense"):
+        m, v = qtx.hf.load(tmp_path / "base", head="classification", overrides={"num_labels": 5})
+    assert (m.cfg.head, m.cfg.num_labels) == ("classification", 5)
+    assert v["params"]["classifier"]["dense"]["kernel"].shape == (32, 5)
+    hf_bert(tmp_path / "cls")
+    with pytest.warns(UserWarning, match="classifier.weight"):
+        m, v = qtx.hf.load(tmp_path / "cls", head="none")
+    assert "classifier" not in v["params"] and "pooler" in v["params"]
+
+
+def test_low_level_api(tmp_path):
+    hf = hf_bert(tmp_path)
+    cfg = qtx.hf.config_from_hf(io.read_config(tmp_path))
+    assert (cfg.family, cfg.head, cfg.num_labels, cfg.hidden_size) == (
+        "bert",
+        "classification",
+        3,
+        32,
+    )
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    params = qtx.hf.params_from_hf("bert", sd, cfg)
+    np.testing.assert_array_equal(
+        np.asarray(params["layer_0"]["attn"]["q_proj"]["kernel"]),
+        sd["bert.encoder.layer.0.attention.self.query.weight"].T,
+    )
+    sd.pop("classifier.bias")
+    with pytest.raises(ValueError, match="classifier.bias"):
+        qtx.hf.params_from_hf("bert", sd, cfg)
+
+
+def test_bfloat16_safetensors_and_tokenizer_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.randn(3, 4).to(torch.bfloat16)
+    save_file({"w": t}, tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(
+        io.read_safetensors(tmp_path / "x.safetensors")["w"].astype(np.float32), t.float().numpy()
+    )
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        qtx.hf.load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        qtx.hf.load(tmp_path / "nope")
