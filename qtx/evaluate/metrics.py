@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import jax
 import numpy as np
 
 from qtx.evaluate.outliers import OutlierAccumulator
+from qtx.train.mesh import fetch
 
 
 def run_eval(
@@ -27,8 +27,9 @@ def run_eval(
     """Runs ``eval_step(variables, batch) -> (metrics, collected)`` over ``batches``."""
     batch_means, loss_sum, count, correct, n = [], 0.0, 0.0, 0.0, 0
     for batch in batches:
-        metrics, collected = eval_step(variables, to_device(batch))
-        metrics = jax.device_get(metrics)
+        dev = to_device(batch)
+        metrics, collected = eval_step(variables, dev)
+        metrics = fetch(metrics)
         c = float(metrics["count"])
         if c > 0:
             batch_means.append(float(metrics["loss_sum"]) / c)
@@ -37,7 +38,10 @@ def run_eval(
         correct += float(metrics.get("correct", 0.0))
         n += 1
         if outliers is not None and "intermediates" in collected:
-            outliers.update(jax.device_get(collected["intermediates"]), batch.get("example_mask"))
+            mask = dev.get("example_mask")
+            outliers.update(
+                fetch(collected["intermediates"]), None if mask is None else fetch(mask)
+            )
     if n == 0:
         raise ValueError("evaluation got no batches; check config.data and max_eval_batches.")
     out = {"loss": float(np.mean(batch_means)) if batch_means else float("nan"), "batches": n}

@@ -30,7 +30,13 @@ from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
 from qtx.train.loop import needs_calibration, say
 from qtx.train.losses import model_inputs
-from qtx.train.mesh import global_batch, make_mesh, maybe_initialize_distributed, tree_shardings
+from qtx.train.mesh import (
+    fetch,
+    global_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    tree_shardings,
+)
 from qtx.train.steps import make_eval_step
 
 
@@ -38,13 +44,15 @@ def _metric_name(task: str) -> str:
     return "perplexity" if task in ("clm", "mlm") else "accuracy"
 
 
-def load_variables(exp, workdir: str, hf_checkpoint: str | None):
-    """``(step, params, extra)`` from an HF checkpoint or the workdir's latest checkpoint."""
+def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
+    """``(step, params, extra)`` from an HF checkpoint or the workdir's latest checkpoint,
+    parameters sharded over ``mesh``."""
     cfg = exp.model
     if hf_checkpoint:
         from qtx import hf
 
-        return 0, hf.pretrained_params(hf_checkpoint, cfg), {}
+        params = hf.pretrained_params(hf_checkpoint, cfg)
+        return 0, jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params))), {}
     ck = Checkpointer(workdir, async_save=False)
     step = ck.latest_step()
     if step is None:
@@ -58,7 +66,12 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None):
         abstract = jax.eval_shape(
             lambda: build(cfg, exp.plan).init(jax.random.key(0), **dummy_inputs(cfg))
         )
-    params = ck.restore_params(abstract["params"], step)
+    target = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        abstract["params"],
+        tree_shardings(mesh, abstract["params"]),
+    )
+    params = ck.restore_params(target, step)
     extra = ck.restore_extra(step) if needs_calibration(exp.plan) else {}
     ck.close()
     return step, params, extra
@@ -75,8 +88,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         process_count=jax.process_count(),
     )
     cfg, ev, task = exp.model, exp.eval, exp.task
-    step, params, extra = load_variables(exp, workdir, hf_checkpoint)
-    params = jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params)))
+    step, params, extra = load_variables(exp, workdir, hf_checkpoint, mesh)
     to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
     metric = _metric_name(task)
 
@@ -107,8 +119,10 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         trained = build(cfg, exp.plan.with_mode("quantize"))
         r = run(trained, {"params": params, **extra})
         results["quantized"]["trained"] = {metric: r[metric], "loss": r["loss"]}
-    calib = pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
-    host_params = jax.device_get(params)
+    calib = [
+        to_dev(b) for b in pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
+    ]
+    host_params = fetch(params)
     for name, setup in exp.eval_setups().items():
         r, report = evaluate_setup(cfg, setup, host_params, calib, run, ev["options"])
         results["quantized"][name] = {
@@ -126,27 +140,29 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
             f"{len(report.matched)} points quantized)"
         )
 
+    if ev["figures"]:  # every process joins the attention pass; process 0 draws
+        results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, to_dev)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        if ev["figures"]:
-            results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, task)
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)
         print(format_table(results, metric), flush=True)
     return results
 
 
-def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, task) -> list[str]:
+def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, to_dev) -> list[str]:
+    """``outliers.png`` and ``attention_mass.png`` (first eval batch) in ``workdir``."""
     paths = [os.path.join(workdir, "outliers.png"), os.path.join(workdir, "attention_mass.png")]
-    figures.plot_outliers(outlier_summary["per_layer"], paths[0], f"{cfg.family}: outliers")
-    batch = next(iter(pipe.eval_batches(1)))
+    dev = to_dev(next(iter(pipe.eval_batches(1))))
     _, coll = jax.jit(
         lambda v, b: model.apply(v, **model_inputs(cfg.family, b), mutable=[ATTENTION])
-    )({"params": params}, batch)
-    mass = figures.attention_mass(
-        jax.device_get(coll[ATTENTION]), batch, pipe.special_token_ids, cfg.family
-    )
-    figures.plot_attention_mass(mass, paths[1], f"{cfg.family}: attention on special tokens")
+    )({"params": params}, dev)
+    probs, batch = fetch(coll[ATTENTION]), fetch(dev)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        figures.plot_outliers(outlier_summary["per_layer"], paths[0], f"{cfg.family}: outliers")
+        mass = figures.attention_mass(probs, batch, pipe.special_token_ids, cfg.family)
+        figures.plot_attention_mass(mass, paths[1], f"{cfg.family}: attention on special tokens")
     return paths
 
 

@@ -24,6 +24,7 @@ from qtx.train.checkpoint import Checkpointer
 from qtx.train.losses import finite_or_raise, model_inputs
 from qtx.train.mesh import (
     batch_sharding,
+    fetch,
     global_batch,
     make_mesh,
     maybe_initialize_distributed,
@@ -47,7 +48,10 @@ def needs_calibration(plan: quant.QuantPlan) -> bool:
 
 
 def calibrated_variables(model_cfg, plan, variables, batches, family):
-    """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges."""
+    """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges.
+
+    ``batches`` should be global device arrays (``global_batch``) so that every process
+    computes the same statistics."""
     cal = build(model_cfg, plan.with_mode("calibrate"))
     variables = quant.calibrate(
         lambda v, b: cal.apply(v, **model_inputs(family, b), mutable=[quant.STATS]),
@@ -136,15 +140,14 @@ def train(config, workdir: str, devices=None) -> dict:
         start = 0
         var_sharding = tree_shardings(mesh, abstract_vars)
         variables = jax.jit(init_variables, out_shardings=var_sharding)(init_rng)
-        variables = jax.device_get(variables)
+        variables = fetch(variables)
         if exp.init_from:
             loaded = load_pretrained(exp.init_from, cfg)
             variables["params"] = merge_pretrained(variables["params"], loaded)
         if needs_calibration(plan):
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
-            variables = calibrated_variables(
-                cfg, plan, variables, pipe.calib_batches(n, int(bs)), cfg.family
-            )
+            calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
+            variables = fetch(calibrated_variables(cfg, plan, variables, calib, cfg.family))
         params = variables.pop("params")
         state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
         sharding = tree_shardings(mesh, jax.eval_shape(lambda: state))

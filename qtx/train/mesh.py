@@ -101,3 +101,13 @@ def global_batch(mesh: Mesh, local_batch: dict):
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def fetch(tree):
+    """Device arrays -> NumPy on every process; global arrays sharded over several hosts are
+    gathered first (``process_allgather``), so host code sees the whole batch."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
