@@ -19,22 +19,18 @@ import os
 import jax
 
 from qtx import quant
-from qtx.data import make_pipeline
 from qtx.evaluate import figures
 from qtx.evaluate.metrics import run_eval
 from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.evaluate.ptq import evaluate_setup
 from qtx.models import build, dummy_inputs
 from qtx.nn import ATTENTION
-from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.loop import needs_calibration, say
+from qtx.train.loop import needs_calibration, prepare, say
 from qtx.train.losses import model_inputs
 from qtx.train.mesh import (
     fetch,
     global_batch,
-    make_mesh,
-    maybe_initialize_distributed,
     tree_shardings,
 )
 from qtx.train.steps import make_eval_step
@@ -78,15 +74,7 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
 
 
 def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
-    exp = experiment_lib.load(config)
-    maybe_initialize_distributed()
-    mesh = make_mesh(exp.mesh)
-    pipe = make_pipeline(
-        exp.data,
-        task=exp.task,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    exp, mesh, pipe = prepare(config)
     cfg, ev, task = exp.model, exp.eval, exp.task
     step, params, extra = load_variables(exp, workdir, hf_checkpoint, mesh)
     to_dev = lambda b: global_batch(mesh, b)  # noqa: E731

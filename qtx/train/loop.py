@@ -75,12 +75,10 @@ def report_points(model, variables, inputs, plan) -> quant.MatchReport:
     return report
 
 
-def train(config, workdir: str, devices=None) -> dict:
-    """Trains per ``config`` in ``workdir``; returns the last train and eval metrics.
-
-    ``devices`` restricts the mesh to a subset of ``jax.devices()`` (tests use one device).
-    """
-    exp = experiment_lib.load(config)  # every config error surfaces here, before compute
+def prepare(config, devices=None):
+    """``(experiment, mesh, pipeline)``: validates the whole config first (no compute before
+    every field is known good), then joins the processes and builds the mesh and data."""
+    exp = experiment_lib.load(config)
     maybe_initialize_distributed()
     mesh = make_mesh(exp.mesh, devices)
     pipe = make_pipeline(
@@ -89,6 +87,15 @@ def train(config, workdir: str, devices=None) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    return exp, mesh, pipe
+
+
+def train(config, workdir: str, devices=None) -> dict:
+    """Trains per ``config`` in ``workdir``; returns the last train and eval metrics.
+
+    ``devices`` restricts the mesh to a subset of ``jax.devices()`` (tests use one device).
+    """
+    exp, mesh, pipe = prepare(config, devices)
     cfg, plan, tr = exp.model, exp.plan, exp.train
     if cfg.family != "vit" and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
         raise ValueError(
