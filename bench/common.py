@@ -1,0 +1,249 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, tables and JSON.
+
+Timing protocol (every script): each case is called ``warmup`` times first (the first call
+compiles; its time is kept separately as ``first_call_ms``) and sized (calls per sample),
+then ``repeats`` timed samples. Cases that are compared with each other are timed
+*interleaved* (round ``r`` takes one sample of every case, in a fixed order), so that slow
+drifts of a noisy machine hit all cases alike.
+Every call ends in ``jax.block_until_ready`` (or a host sync for PyTorch) inside the timed
+region; times come from ``time.perf_counter``. Summaries report the median, min and max.
+
+On a shared machine every sample also records how many cores *other* processes kept busy
+while it ran (``/proc/stat`` minus this process's own CPU time). Samples under
+``QUIET_CORES`` are "quiet"; ``quiet_median_ms`` and the ratios over quiet rounds only are
+reported next to the plain medians, which stay the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+
+QUIET_CORES = 0.3  # a sample is quiet when other processes kept fewer cores busy meanwhile
+
+
+def base_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """Parser with the flags every script shares: ``--repeats``, ``--quick``, ``--out``."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per case (default 7)")
+    p.add_argument("--quick", action="store_true", help="fewer and smaller cases (< 60 s)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name + ".json"),
+        help=f"JSON results path (default bench/results/{name}.json)",
+    )
+    return p
+
+
+def summarize(times_s: list[float], others: list[float] | None = None) -> dict:
+    """Median / min / max / all of seconds, in ms; with ``others`` (cores other processes kept
+    busy per sample) also the median of the quiet samples."""
+    ms = [t * 1e3 for t in times_s]
+    out = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+    if others is not None:
+        quiet = [t for t, o in zip(ms, others, strict=True) if o < QUIET_CORES]
+        out["quiet_median_ms"] = statistics.median(quiet) if quiet else None
+        out["quiet_samples"] = len(quiet)
+        out["other_cores"] = others
+    return {**out, "times_ms": ms}
+
+
+def measure(
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    min_sample_s: float = 0.0,
+) -> dict[str, dict]:
+    """Times zero-argument callables interleaved; each must block until its work is done.
+
+    One timed sample of a case is ``number`` back-to-back calls (reported per call), where
+    ``number`` is the smallest count reaching ``min_sample_s`` (1 for slow cases), which
+    averages out timer and dispatch jitter of sub-millisecond calls. Returns
+    ``{name: summarize(...) | {"first_call_ms", "calls_per_sample", "page_faults_per_call"}}``
+    (minor page faults of the process per call, a sign of freshly mapped buffers).
+    """
+    first, number = {}, {}
+    for name, call in cases.items():
+        for i in range(max(warmup, 1)):
+            t0 = time.perf_counter()
+            call()
+            if i == 0:
+                first[name] = (time.perf_counter() - t0) * 1e3
+        k = 1  # warm time per call: double k until k calls take min_sample_s / 2
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(k):
+                call()
+            dt = time.perf_counter() - t0
+            if dt >= min_sample_s / 2 or k >= 1 << 16:
+                break
+            k *= 2
+        number[name] = max(1, math.ceil(min_sample_s * k / max(dt, 1e-9)))
+    times = {name: [] for name in cases}
+    others = {name: [] for name in cases}
+    faults = dict.fromkeys(cases, 0)
+    for _ in range(repeats):
+        for name, call in cases.items():
+            k = number[name]
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            probe = ForeignLoad()
+            t0 = time.perf_counter()
+            for _ in range(k):
+                call()
+            times[name].append((time.perf_counter() - t0) / k)
+            others[name].append(probe.cores())
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {
+        n: {
+            **summarize(times[n], others[n]),
+            "first_call_ms": first[n],
+            "calls_per_sample": number[n],
+            # fresh pages touched per call: XLA CPU buffers > 32 MiB are mmap'ed per call
+            "page_faults_per_call": faults[n] / max(repeats * number[n], 1),
+        }
+        for n in cases
+    }
+
+
+def paired_ratio(a: dict, b: dict, quiet: bool = False) -> float | None:
+    """Median over rounds of ``a_r / b_r`` for two cases timed interleaved by :func:`measure`
+    (robust to slow drifts of the machine's load); ``quiet``: only rounds in which both
+    samples were quiet (None if there is none)."""
+    pairs = zip(a["times_ms"], b["times_ms"], a["other_cores"], b["other_cores"], strict=True)
+    r = [x / y for x, y, oa, ob in pairs if not quiet or max(oa, ob) < QUIET_CORES]
+    return statistics.median(r) if r else None
+
+
+def blocking(fn: Callable, *args) -> Callable[[], object]:
+    """``() -> jax.block_until_ready(fn(*args))``."""
+    return lambda: jax.block_until_ready(fn(*args))
+
+
+def _busy_s() -> float:
+    """CPU seconds all processes of the machine spent busy (``/proc/stat``), else 0."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class ForeignLoad:
+    """How many cores *other* processes kept busy since construction: the machine's busy CPU
+    time (``/proc/stat``, 10 ms ticks) minus this process's own, per second of wall time.
+    Near 0: a quiet machine; near 1 on 2 cores: every parallel step competed for a core."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+
+    def cores(self) -> float:
+        wall = time.perf_counter() - self.t0
+        own = _own_s() - self.own0
+        return max(_busy_s() - self.busy0 - own, 0.0) / max(wall, 1e-9)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    """Device, versions and CPU of this run (stored in every JSON)."""
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device": str(dev),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu_model(),
+        "cpu_cores_available": available_cores(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "platform": platform.platform(),
+        "load_average_1_5_15min": os.getloadavg(),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain aligned text table; floats get 3 significant-ish decimals."""
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1 else f"{v:,.2f}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(r) for r in body)])
+
+
+class Run:
+    """One benchmark run: wall clock, machine description and the load of other processes."""
+
+    def __init__(self, name: str):
+        self.name, self.t0 = name, time.perf_counter()
+        self.machine, self.others = machine_info(), ForeignLoad()
+
+    def finish(self, path: str, **payload) -> None:
+        """Prints the total time and the other processes' load; writes the JSON."""
+        elapsed, busy = time.perf_counter() - self.t0, self.others.cores()
+        print(f"\ntotal {elapsed:.1f} s; other processes kept {busy:.2f} cores busy meanwhile")
+        machine = {
+            **self.machine,
+            "load_average_at_end": os.getloadavg(),
+            "other_processes_busy_cores": busy,
+        }
+        write_json(
+            path, {"benchmark": self.name, "machine": machine, **payload, "elapsed_s": elapsed}
+        )
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    print(f"wrote {path}")
