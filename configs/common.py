@@ -281,21 +281,35 @@ def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
     c = base("classification", "bert-base", {})
     labels = {"mnli": 3, "stsb": 1}.get(task, 2)
     c.model.update(num_labels=labels, dtype="bfloat16", pooler=True)
-    c.data.update(name=f"glue/{task}", tokenizer="bert-base-uncased", seq_len=128,
-                  batch_size=32)
-    c.optim.update(lr=2e-5, weight_decay=0.01, decay_ln_gamma=False, schedule="linear",
-                   warmup_steps=0, clip_norm=1.0)
+    c.data.update(name=f"glue/{task}", tokenizer="bert-base-uncased", seq_len=128, batch_size=32)
+    c.optim.update(
+        lr=2e-5,
+        weight_decay=0.01,
+        decay_ln_gamma=False,
+        schedule="linear",
+        warmup_steps=0,
+        clip_norm=1.0,
+    )
     c.train.update(steps=10_000, log_every=100, eval_every=1000, checkpoint_every=1000)
-    c.eval.update(setups=("W8A8", "os_fastertransformer:W8A8E8", "os_fastertransformer:W6A6E6"),
-                  calib_batches=8, calib_batch_size=32)
+    c.eval.update(
+        setups=("W8A8", "os_fastertransformer:W8A8E8", "os_fastertransformer:W6A6E6"),
+        calib_batches=8,
+        calib_batch_size=32,
+    )
     c.init_from = ""  # set to a local HF BERT directory or a qtx MLM workdir
     if tiny:
         c.model.update(name="minilm-l6", dtype="float32")
-        c.data.update(name="sst2_local", tokenizer=minilm_dir(), seq_len=64, batch_size=16,
-                      max_eval_batches=None)
+        c.data.update(
+            name="sst2_local",
+            tokenizer=minilm_dir(),
+            seq_len=64,
+            batch_size=16,
+            max_eval_batches=None,
+        )
         c.optim.update(lr=5e-5, warmup_steps=10)
-        c.train.update(steps=120, log_every=20, eval_every=0, checkpoint_every=120,
-                       max_eval_batches=None)
+        c.train.update(
+            steps=120, log_every=20, eval_every=0, checkpoint_every=120, max_eval_batches=None
+        )
         c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=None)
         c.init_from = minilm_dir()
     return c

