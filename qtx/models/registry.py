@@ -80,6 +80,16 @@ _VIT = dict(
     type_vocab_size=1,
 )
 
+# Tiny text models for tests and CPU runs (vocabulary of the embedded tokenizers).
+_TINY_TEXT = dict(
+    vocab_size=8192,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=512,
+    max_positions=128,
+)
+
 SIZES: dict[str, dict[str, Any]] = {
     "bert-base": _BERT,
     "bert-6L": dict(_BERT, num_layers=6),
@@ -87,25 +97,9 @@ SIZES: dict[str, dict[str, Any]] = {
         _BERT, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096
     ),
     "minilm-l6": dict(_BERT, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-    "bert-tiny": dict(
-        _BERT,
-        vocab_size=8192,
-        hidden_size=128,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=512,
-        max_positions=128,
-    ),
+    "bert-tiny": dict(_BERT, **_TINY_TEXT),
     "roberta-base": _ROBERTA,
-    "roberta-tiny": dict(
-        _ROBERTA,
-        vocab_size=8192,
-        hidden_size=128,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=512,
-        max_positions=130,
-    ),
+    "roberta-tiny": dict(_ROBERTA, **{**_TINY_TEXT, "max_positions": 130}),
     "opt-125m": _OPT,
     "opt-6L": dict(_OPT, num_layers=6),
     "opt-350m": dict(
@@ -119,15 +113,7 @@ SIZES: dict[str, dict[str, Any]] = {
         final_ln=False,
     ),
     "opt-1.3b": dict(_OPT, hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192),
-    "opt-tiny": dict(
-        _OPT,
-        vocab_size=8192,
-        hidden_size=128,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=512,
-        max_positions=128,
-    ),
+    "opt-tiny": dict(_OPT, **_TINY_TEXT),
     "vit-s16": _VIT,
     "vit-b16": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),
     "deit-t": dict(_VIT, hidden_size=192, num_heads=3, intermediate_size=768),
