@@ -3,12 +3,15 @@
     python eval.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny
     python eval.py --config=configs/bert_base_vanilla.py --hf_checkpoint=/path/to/hf/dir
 
-Loads the latest checkpoint in --workdir (or --hf_checkpoint), then writes
+Loads the newest intact checkpoint in --workdir (or --hf_checkpoint), then writes
 <workdir>/eval.json, outliers.png and attention_mass.png and prints a table.
+A user error prints one line (``error: ...``) and exits with status 2.
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from qtx import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
@@ -18,16 +21,12 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     from qtx.evaluate.runner import evaluate
     from qtx.train.experiment import default_workdir
 
-    workdir = _WORKDIR.value or default_workdir(
-        config_flags.get_config_filename(flags.FLAGS["config"])
-    )
+    workdir = _WORKDIR.value or default_workdir(cli.config_path())
     evaluate(_CONFIG.value, workdir, _HF.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "eval.py")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from qtx.data.config import DEFAULTS as DATA_DEFAULTS
+from qtx.errors import UserError
 from qtx.models import ModelConfig
 from qtx.nn import AttentionConfig
 from qtx.train.experiment import EVAL_DEFAULTS, TRAIN_DEFAULTS
@@ -42,6 +43,54 @@ ATTENTION = {
 
 
 _TYPES = {"word_embed_proj_dim": int, "softmax_T": int, "alpha": float}
+
+# Types of the fields whose default is None ("unset"), so the command line can set them;
+# `object` fields take any Python literal and fall back to a plain string
+# (--config.data.text_files=/data/*.txt or --config.data.crop_scale="(0.08, 1.0)").
+NONE_FIELD_TYPES = {
+    "data.name": str,
+    "data.tokenizer": str,
+    "data.eval_batch_size": int,
+    "data.local_dir": str,
+    "data.data_dir": str,
+    "data.text_files": object,
+    "data.max_eval_batches": int,
+    "data.image_size": int,
+    "data.channels": int,
+    "data.crop_scale": object,
+    "data.crop_pct": float,
+    "data.hflip": bool,
+    "data.glue_max_len": int,
+    "train.max_eval_batches": int,
+    "train.calib_batch_size": int,
+    "quant.bits": str,
+    "eval.max_batches": int,
+}
+
+
+def overridable(c: ml_collections.ConfigDict, prefix: str = "") -> ml_collections.ConfigDict:
+    """Turns every leaf that is None into a typed placeholder (still None), so that every field
+    of every config can be set with ``--config.<path>=...``; returns ``c``."""
+    for key in list(c.keys()):
+        path = f"{prefix}{key}"
+        ref = c.get_ref(key) if isinstance(c._fields[key], FieldReference) else None
+        value = c[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            overridable(value, path + ".")
+        elif value is None and (ref is None or ref.get_type() is type(None)):
+            with c.ignore_type():
+                c[key] = placeholder(NONE_FIELD_TYPES.get(path, object))
+    return c
+
+
+def check_arg(arg: str | None, allowed: tuple[str, ...], config: str) -> None:
+    """Refuses an unknown ``:arg`` of ``configs/<config>.py``, naming the allowed ones."""
+    if arg not in (None, "", *allowed):
+        raise UserError(
+            f"config arg {arg!r} of {config} is invalid; allowed: none (the full recipe) or "
+            + ", ".join(repr(a) for a in allowed)
+            + "."
+        )
 
 
 def _fields(cls, skip=()) -> dict:
@@ -82,6 +131,7 @@ def base(task: str, model_name: str, attention: dict) -> ml_collections.ConfigDi
 
 def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     """BERT-base MLM pretraining (QT: seq 128, batch 256, 1M steps, lr 1e-4, 10k warmup)."""
+    check_arg(arg, ("tiny",), f"bert_base_{variant}")
     c = base("mlm", "bert-base", ATTENTION["bert"][variant])
     c.model.dtype = "bfloat16"
     c.data.update(
@@ -121,11 +171,12 @@ def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
             steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
         )
         c.eval.update(calib_batches=4, calib_batch_size=16, max_batches=20)
-    return c
+    return overridable(c)
 
 
 def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collections.ConfigDict:
     """OPT causal-LM pretraining (QT: block 512, batch 192 = 48 x 4, 125k steps, lr 4e-4)."""
+    check_arg(arg, ("tiny",), f"{size.replace('-', '').replace('.', '_')}_{variant}")
     table = ATTENTION["opt-1.3b" if size == "opt-1.3b" else "opt"]
     c = base("clm", size, table[variant])
     c.model.update(
@@ -192,11 +243,12 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
         c.eval.update(calib_batches=4, calib_batch_size=8, max_batches=20)
         c.model.remat = False
         c.mesh.update(data=-1, fsdp=1)
-    return c
+    return overridable(c)
 
 
 def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collections.ConfigDict:
     """ViT-S/16 on ImageNet-1K with the DeiT recipe (300 epochs, batch 1024, lr 1e-3)."""
+    check_arg(arg, ("tiny",), f"{size.replace('-', '_')}_{variant}")
     c = base("image", size, ATTENTION["vit"][variant])
     c.model.update(dtype="bfloat16", drop_path=0.1)
     c.data.update(
@@ -253,7 +305,7 @@ def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collec
             steps=1200, log_every=100, eval_every=0, checkpoint_every=600, max_eval_batches=10
         )
         c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=10)
-    return c
+    return overridable(c)
 
 
 def minilm_dir() -> str:
@@ -277,7 +329,7 @@ def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
     tiny = task == "tiny"
     task = "sst2" if tiny else task
     if task not in GLUE_TASKS:
-        raise ValueError(f"config arg {arg!r} is invalid; allowed: tiny, {', '.join(GLUE_TASKS)}.")
+        raise UserError(f"config arg {arg!r} is invalid; allowed: tiny, {', '.join(GLUE_TASKS)}.")
     c = base("classification", "bert-base", {})
     labels = {"mnli": 3, "stsb": 1}.get(task, 2)
     c.model.update(num_labels=labels, dtype="bfloat16", pooler=True)
@@ -312,4 +364,4 @@ def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
         )
         c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=None)
         c.init_from = minilm_dir()
-    return c
+    return overridable(c)

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tiny_runs import opt_train_cmd
 
 from configs import common
 from qtx.train import experiment
@@ -183,28 +184,12 @@ def test_qat_learns_lsq_steps(tmp_path):
     out = train(c, str(tmp_path))
     assert np.isfinite(out["train"]["loss"]) and 0.0 <= out["eval"]["accuracy"] <= 1.0
     ck = Checkpointer(str(tmp_path), async_save=False)
-    keys = ck.stored_params_shapes()
+    keys = ck.stored_params_shapes(ck.latest_step())
     assert "layer_0/attn/softmax/step" in keys and "layer_0/ffn/act/offset" in keys
 
 
 def _train_cmd(workdir):
-    return [
-        sys.executable,
-        "train.py",
-        "--config=configs/opt125m_gated.py:tiny",
-        f"--workdir={workdir}",
-        "--config.model.num_layers=1",
-        "--config.model.hidden_size=64",
-        "--config.model.num_heads=2",
-        "--config.model.intermediate_size=128",
-        "--config.data.seq_len=32",
-        "--config.data.batch_size=8",
-        "--config.train.steps=60",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=10",
-        "--config.train.max_eval_batches=2",
-        "--config.train.tensorboard=False",
-    ]
+    return opt_train_cmd(workdir, 60)
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from qtx.data.config import DataSpec
+from qtx.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -56,7 +57,7 @@ class Pipeline:
     def train_iterator(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of steps start_step, start_step+1, ...; step s depends only on (seed, s)."""
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative integer; got {start_step!r}.")
+            raise UserError(f"start_step must be a non-negative integer; got {start_step!r}.")
         return self._train(start_step)
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
@@ -69,9 +70,9 @@ class Pipeline:
         """
         limit = self.spec.max_eval_batches if max_batches is None else max_batches
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise ValueError(f"max_batches must be a positive integer or None; got {limit!r}.")
+            raise UserError(f"max_batches must be a positive integer or None; got {limit!r}.")
         if limit is not None and limit < 1:
-            raise ValueError(f"max_batches must be a positive integer or None; got {limit!r}.")
+            raise UserError(f"max_batches must be a positive integer or None; got {limit!r}.")
         return self._eval(limit)
 
     def calib_batches(self, num_batches: int, batch_size: int) -> list[Batch]:
@@ -79,9 +80,9 @@ class Pipeline:
         eval-time preprocessing, fixed MLM masking seed), each sliced to this process."""
         for label, v in (("num_batches", num_batches), ("batch_size", batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"calib_batches {label} must be a positive integer; got {v!r}.")
+                raise UserError(f"calib_batches {label} must be a positive integer; got {v!r}.")
         if batch_size % self.spec.process_count:
-            raise ValueError(
+            raise UserError(
                 f"calib_batches batch_size={batch_size} must be divisible by the process "
                 f"count {self.spec.process_count}."
             )

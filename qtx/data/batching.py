@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from qtx.errors import UserError
+
 # Stream tags keep independent uses of one seed apart.
 PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE = range(1, 8)
 EVAL_SEED = 20_231_028  # fixed: eval masking does not depend on config.data.seed
@@ -28,7 +30,7 @@ def steps_per_epoch(num_examples: int, global_batch: int, what: str) -> int:
     """``num_examples // global_batch``; raises if the split cannot fill one batch."""
     steps = num_examples // global_batch
     if steps == 0:
-        raise ValueError(
+        raise UserError(
             f"config.data.batch_size={global_batch} exceeds the {num_examples} training "
             f"examples of {what}; lower config.data.batch_size."
         )

@@ -35,6 +35,8 @@ from tokenizers import (
     trainers,
 )
 
+from qtx.errors import UserError
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 VOCAB_SIZE = 8192
 BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -114,7 +116,7 @@ def _wordpiece_vocab(lines: list[str], normalizer, vocab_size: int) -> dict[str,
             seen.add(word)
             order.append(word)
     if len(order) < vocab_size:
-        raise ValueError(f"corpus too small for a WordPiece vocabulary of {vocab_size}")
+        raise UserError(f"corpus too small for a WordPiece vocabulary of {vocab_size}")
     return {t: i for i, t in enumerate(order)}
 
 

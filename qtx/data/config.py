@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qtx.errors import UserError
+
 TASKS = ("clm", "mlm", "classification", "image")
 IN_MEMORY_LM = ("wikitext2_embedded", "wikitext2_local", "wikitext2")
 STREAMING_LM = ("wikitext103", "wikipedia", "wiki40b", "text_files")
@@ -106,7 +108,7 @@ class DataSpec:
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"config.data.{field} must be {allowed}; got {value!r}.")
+    raise UserError(f"config.data.{field} must be {allowed}; got {value!r}.")
 
 
 def _int(cfg: dict, field: str, lo: int, optional: bool = False) -> int | None:
@@ -136,7 +138,7 @@ def _as_dict(data_cfg: Any) -> dict:
         return dict(data_cfg.to_dict())
     if isinstance(data_cfg, Mapping):
         return dict(data_cfg)
-    raise ValueError(f"config.data must be an ml_collections.ConfigDict; got {type(data_cfg)}.")
+    raise UserError(f"config.data must be an ml_collections.ConfigDict; got {type(data_cfg)}.")
 
 
 def _check_name(name: Any, task: str) -> tuple[str, ...]:
@@ -148,7 +150,7 @@ def _check_name(name: Any, task: str) -> tuple[str, ...]:
         if part not in ALL_SOURCES:
             _fail("name", f"one of {', '.join(ALL_SOURCES)} (text sources joined by '+')", name)
         if part not in allowed:
-            raise ValueError(
+            raise UserError(
                 f"config.data.name={name!r} does not fit task {task!r}, whose sources are "
                 f"{', '.join(allowed)}."
             )
@@ -160,20 +162,18 @@ def _check_name(name: Any, task: str) -> tuple[str, ...]:
 def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count: int = 1):
     """Apply defaults and validate; returns a :class:`DataSpec`. Raises ``ValueError``."""
     if task not in TASKS:
-        raise ValueError(
-            f"make_pipeline(task=...) must be one of {', '.join(TASKS)}; got {task!r}."
-        )
+        raise UserError(f"make_pipeline(task=...) must be one of {', '.join(TASKS)}; got {task!r}.")
     given = _as_dict(data_cfg)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"config.data.{unknown[0]} is not a known field; known fields: {', '.join(DEFAULTS)}."
         )
     cfg = {**DEFAULTS, **given}
     if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
-        raise ValueError(f"process_count must be an integer >= 1; got {process_count!r}.")
+        raise UserError(f"process_count must be an integer >= 1; got {process_count!r}.")
     if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}); got {process_index!r}.")
+        raise UserError(f"process_index must be in [0, {process_count}); got {process_index!r}.")
     name = cfg["name"] if cfg["name"] is not None else DEFAULT_NAME[task]
     sources = _check_name(name, task)
     text_task = task != "image"
@@ -188,7 +188,7 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
     eval_bs = _int(cfg, "eval_batch_size", 1, optional=True) or batch_size
     for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_bs)):
         if value % process_count:
-            raise ValueError(
+            raise UserError(
                 f"config.data.{field}={value} must be divisible by the process count "
                 f"{process_count} (it is the global batch size)."
             )
@@ -276,14 +276,14 @@ def require_local_path(local_dir: str | None, name: str, relative: str) -> Path:
     """``<local_dir>/<relative>``; raises a config error naming ``config.data.local_dir``."""
     root = resolve_local_dir(local_dir)
     if root is None:
-        raise ValueError(
+        raise UserError(
             f"config.data.name={name!r} reads local files but config.data.local_dir is "
             f"unset and neither ${LOCAL_DIR_ENV} nor ../shared/data exists; set "
             "config.data.local_dir to the folder holding them."
         )
     path = root / relative
     if not path.exists():
-        raise ValueError(
+        raise UserError(
             f"config.data.name={name!r} needs {path}, which does not exist; point "
             "config.data.local_dir at the folder that holds it."
         )

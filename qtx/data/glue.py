@@ -26,6 +26,7 @@ from qtx.data import batching, tfds_sources
 from qtx.data.base import Batch, Pipeline, local_rows
 from qtx.data.config import DataSpec, require_local_path, resolve_local_dir
 from qtx.data.tokenizers import encode_fixed, load_tokenizer, special_token_ids
+from qtx.errors import UserError
 
 # task: (first text field, second text field or None, num_classes, eval split)
 GLUE_META = {
@@ -51,7 +52,7 @@ def read_sst2_tsv(path) -> tuple[list[str], np.ndarray]:
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         if header[:2] != ["sentence", "label"]:
-            raise ValueError(f"{path} must start with the header 'sentence<TAB>label'.")
+            raise UserError(f"{path} must start with the header 'sentence<TAB>label'.")
         for line in f:
             if not line.strip():
                 continue
@@ -108,7 +109,7 @@ def build_glue_pipeline(spec: DataSpec) -> Pipeline:
     task = glue_task(spec.name)
     tokenizer = load_tokenizer(spec.tokenizer)
     if tokenizer.pad_token_id is None:
-        raise ValueError(
+        raise UserError(
             f"config.data.tokenizer={spec.tokenizer!r} has no pad token, which GLUE rows need."
         )
     max_len = spec.glue_max_len or spec.seq_len

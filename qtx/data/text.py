@@ -44,6 +44,7 @@ from qtx.data.text_sources import (
     text_file_paths,
 )
 from qtx.data.tokenizers import encode_texts, load_tokenizer, special_token_ids, unk_replacement
+from qtx.errors import UserError
 
 DOCS_PER_CHUNK = 64
 
@@ -72,13 +73,13 @@ def lm_tokens(tokenizer, spec: DataSpec) -> LMTokens:
         cls = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
         end, mask = sep, t.mask_token_id
         if mask is None or cls is None or end is None:
-            raise ValueError(
+            raise UserError(
                 f"config.data.tokenizer={spec.tokenizer!r} lacks a mask, cls/bos or sep/eos "
                 "token, which mlm needs; use 'qtx:wordpiece' or a BERT-style tokenizer."
             )
     pad = t.pad_token_id if t.pad_token_id is not None else sep
     if pad is None:
-        raise ValueError(
+        raise UserError(
             f"config.data.tokenizer={spec.tokenizer!r} has neither a pad nor an eos token."
         )
     never = np.asarray(sorted(set(t.all_special_ids) | {pad}), np.int32)
@@ -172,7 +173,7 @@ def in_memory_blocks(spec: DataSpec, toks: LMTokens, split: str) -> np.ndarray:
         parts.append(_wrap(pack_blocks(flat, ends, toks.sep, _content_len(spec)), spec, toks))
     blocks = np.concatenate(parts, axis=0)
     if len(blocks) == 0:
-        raise ValueError(
+        raise UserError(
             f"config.data.seq_len={spec.seq_len} is longer than the {split} split of "
             f"config.data.name={spec.name!r}."
         )

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from qtx.data import tfds_sources
 from qtx.data.config import IN_MEMORY_LM, DataSpec, require_local_path
+from qtx.errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MAX_DOC_CHARS = 1_000_000
@@ -95,14 +96,14 @@ def in_memory_documents(
     if source == "wikitext2_embedded":
         path = ASSETS_DIR / f"wikitext2_{wiki_split}.txt.gz"
         if not path.is_file():
-            raise ValueError(f"config.data.name={name!r} needs the missing asset {path}.")
+            raise UserError(f"config.data.name={name!r} needs the missing asset {path}.")
         return _wikitext_file_docs(str(path))
     if source == "wikitext2_local":
         path = require_local_path(local_dir, name, f"wikitext-2/{wiki_split}.txt")
         return _wikitext_file_docs(str(path))
     if source == "wikitext2":
         return _tfds_wikitext_docs(data_dir, name, split)
-    raise ValueError(f"config.data.name source {source!r} is not an in-memory text source.")
+    raise UserError(f"config.data.name source {source!r} is not an in-memory text source.")
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,7 +141,7 @@ def text_file_paths(spec: DataSpec) -> list[str]:
     paths = sorted({p for pattern in spec.text_files for p in glob.glob(pattern, recursive=True)})
     paths = [p for p in paths if Path(p).is_file()]
     if not paths:
-        raise ValueError(
+        raise UserError(
             f"config.data.text_files={list(spec.text_files)!r} matches no files; give a glob "
             "of plain-text files."
         )

@@ -16,6 +16,10 @@ import functools
 import os
 from pathlib import Path
 
+from absl import logging
+
+from qtx.errors import UserError
+
 
 def _tfds():
     """Import TFDS, keeping TensorFlow quiet and off any GPU (JAX owns accelerators)."""
@@ -34,14 +38,44 @@ def _default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
-def _not_prepared(tfds_name: str, data_dir: str | None, name: str) -> ValueError:
+def _not_prepared(tfds_name: str, data_dir: str | None, name: str) -> UserError:
     where = data_dir or f"{_default_data_dir()} (the TFDS default)"
-    return ValueError(
-        f"TFDS dataset {tfds_name!r} for config.data.name={name!r} is not prepared under "
-        f"config.data.data_dir={where} and this machine cannot download it, so run "
-        f"`tfds build {tfds_name} --data_dir=DIR` where there is network, copy DIR here and set "
-        "config.data.data_dir=DIR."
+    return UserError(
+        f"the TFDS dataset {tfds_name!r} of config.data.name={name!r} is not prepared under "
+        f"config.data.data_dir={where}; " + how_to_prepare(tfds_name)
     )
+
+
+def how_to_prepare(tfds_name: str) -> str:
+    """The once-only command, with network access, that prepares ``tfds_name``."""
+    build = (
+        'python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{tfds_name}', data_dir='DIR').download_and_prepare()\""
+    )
+    if tfds_name.startswith("wikitext/"):
+        return (
+            "this TFDS version does not register it, so prepare it once with one that does "
+            f"(tfds build {tfds_name} --data_dir=DIR), copy DIR here and set "
+            "--config.data.data_dir=DIR."
+        )
+    manual = (
+        " (ImageNet needs its tarballs in DIR/downloads/manual first)"
+        if tfds_name == "imagenet2012"
+        else ""
+    )
+    return (
+        f"with network access, prepare it once: {build}{manual}, copy DIR here if needed and "
+        "set --config.data.data_dir=DIR."
+    )
+
+
+def missing(tfds_name: str, *, data_dir: str | None, name: str) -> str | None:
+    """Why ``tfds_name`` cannot be read here (one sentence), or None when it is prepared."""
+    try:
+        get_builder(tfds_name, data_dir=data_dir, name=name)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def is_prepared(builder) -> bool:
@@ -65,13 +99,19 @@ def _from_directory(tfds, tfds_name: str, data_dir: str | None):
 def get_builder(tfds_name: str, *, data_dir: str | None, name: str):
     """Prepared ``DatasetBuilder`` for ``tfds_name``; raises ValueError when unavailable."""
     tfds = _tfds()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # TFDS warns about the very folders we look for
     try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir or None, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        builder = _from_directory(tfds, tfds_name, data_dir)
-        if builder is None:
-            raise _not_prepared(tfds_name, data_dir, name) from None
-    if not is_prepared(builder):
+        try:
+            builder = tfds.builder(tfds_name, data_dir=data_dir or None, try_gcs=False)
+        except tfds.core.registered.DatasetNotFoundError:
+            builder = _from_directory(tfds, tfds_name, data_dir)
+            if builder is None:
+                raise _not_prepared(tfds_name, data_dir, name) from None
+        prepared = is_prepared(builder)
+    finally:
+        logging.set_verbosity(verbosity)
+    if not prepared:
         raise _not_prepared(tfds_name, data_dir, name)
     return builder
 

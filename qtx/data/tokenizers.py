@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qtx.errors import UserError
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED = {
     "qtx:bpe": (
@@ -49,18 +51,18 @@ ALLOWED_FORMS = (
 def load_tokenizer(spec: str):
     """Return a ``transformers`` fast tokenizer for ``spec`` (cached per process)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"config.data.tokenizer must be {ALLOWED_FORMS}; got {spec!r}.")
+        raise UserError(f"config.data.tokenizer must be {ALLOWED_FORMS}; got {spec!r}.")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec.startswith("qtx:"):
         if spec not in EMBEDDED:
-            raise ValueError(
+            raise UserError(
                 f"config.data.tokenizer={spec!r} is not an embedded tokenizer; use {ALLOWED_FORMS}."
             )
         fname, specials = EMBEDDED[spec]
         path = ASSETS_DIR / fname
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"config.data.tokenizer={spec!r} needs {path}, which is missing; regenerate it "
                 "with `python -m qtx.data.build_assets --source DATA_DIR`."
             )
@@ -68,9 +70,12 @@ def load_tokenizer(spec: str):
         tok.model_max_length = 1 << 30
         return tok
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        try:  # the local cache first: offline, the hub would be retried for a minute
+            return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError):
+            return AutoTokenizer.from_pretrained(spec)
     except Exception as err:  # hub/network/format errors all surface as one config error
-        raise ValueError(
+        raise UserError(
             f"config.data.tokenizer={spec!r} could not be loaded ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); use {ALLOWED_FORMS}."
         ) from err
@@ -156,3 +161,44 @@ def unk_replacement(tokenizer) -> str | None:
     if not unk or unk == "<unk>" or unk in others:
         return None
     return unk
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub can be reached (False when ``HF_HUB_OFFLINE`` is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def tokenizer_missing(spec: str) -> str | None:
+    """Why ``config.data.tokenizer=spec`` cannot be had on this machine, or None: an embedded
+    tokenizer or a local directory always can; a hub name when it is in the local cache or
+    the hub answers."""
+    if spec.startswith("qtx:") or Path(spec).expanduser().is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        return None
+    except Exception:  # noqa: BLE001 - not in the cache, in whatever way
+        pass
+    if hub_reachable():
+        return None
+    return (
+        f"the tokenizer config.data.tokenizer={spec!r} is not in the local Hugging Face cache "
+        "and the hub cannot be reached; with network access, fetch it once: python -c "
+        f"\"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{spec}')\" "
+        "(or set config.data.tokenizer to a local tokenizer directory)."
+    )

@@ -45,6 +45,7 @@ import numpy as np
 from qtx.data import augment, batching
 from qtx.data.base import Batch, Pipeline, local_rows
 from qtx.data.config import DataSpec, resolve_local_dir
+from qtx.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,7 +124,7 @@ class ImageSettings:
     def resolve(spec: DataSpec, info: ImageInfo) -> ImageSettings:
         channels = spec.channels or info.channels
         if channels < info.channels:
-            raise ValueError(
+            raise UserError(
                 f"config.data.channels=1 needs a grayscale source; config.data.name="
                 f"{spec.name!r} is RGB, so use 3 or None."
             )
@@ -145,7 +146,7 @@ def read_idx(path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+        raise UserError(f"{path} is not an unsigned-byte IDX file.")
     ndim = raw[3]
     dims = np.frombuffer(raw[4 : 4 + 4 * ndim], dtype=">u4").astype(np.int64)
     return np.frombuffer(raw[4 + 4 * ndim :], dtype=np.uint8).reshape(dims)

@@ -64,7 +64,7 @@ def attention_mass(attention, batch: dict, special_ids, family: str) -> np.ndarr
         if m:
             layers[int(m.group(1))] = np.asarray(leaf[0], np.float32)
     if not layers:
-        raise ValueError("no attention probabilities were collected.")
+        raise RuntimeError("no attention probabilities were collected.")
     probs0 = layers[min(layers)]
     b, _, t, s = probs0.shape
     if family == "vit":

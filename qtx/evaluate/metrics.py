@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from qtx.errors import UserError
 from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.train.mesh import fetch
 
@@ -43,7 +44,7 @@ def run_eval(
                 fetch(collected["intermediates"]), None if mask is None else fetch(mask)
             )
     if n == 0:
-        raise ValueError("evaluation got no batches; check config.data and max_eval_batches.")
+        raise UserError("evaluation got no batches; check config.data and max_eval_batches.")
     out = {"loss": float(np.mean(batch_means)) if batch_means else float("nan"), "batches": n}
     if task in ("clm", "mlm"):
         out["perplexity"] = math.exp(out["loss"]) if out["loss"] < 700 else float("inf")

@@ -19,6 +19,7 @@ import os
 import jax
 
 from qtx import quant
+from qtx.errors import UserError
 from qtx.evaluate import figures
 from qtx.evaluate.metrics import run_eval
 from qtx.evaluate.outliers import OutlierAccumulator
@@ -50,12 +51,6 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
         params = hf.pretrained_params(hf_checkpoint, cfg)
         return 0, jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params))), {}
     ck = Checkpointer(workdir, async_save=False)
-    step = ck.latest_step()
-    if step is None:
-        raise ValueError(
-            f"no checkpoint in {ck.directory}; train first with the same --workdir, "
-            "or pass --hf_checkpoint=<local Hugging Face directory>."
-        )
     model = build(cfg, exp.plan.with_mode("off"))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))
     if needs_calibration(exp.plan):  # trained with quantizers: their params are in the tree
@@ -67,9 +62,20 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
         abstract["params"],
         tree_shardings(mesh, abstract["params"]),
     )
-    params = ck.restore_params(target, step)
-    extra = ck.restore_extra(step) if needs_calibration(exp.plan) else {}
+
+    def load(step):
+        params = ck.restore_params(target, step)
+        extra = ck.restore_extra(step) if needs_calibration(exp.plan) else {}
+        return params, extra
+
+    restored = ck.restore_newest_intact(load)
     ck.close()
+    if restored is None:
+        raise UserError(
+            f"no checkpoint in {ck.directory}; train first with the same --workdir, "
+            "or pass --hf_checkpoint=<local Hugging Face directory>."
+        )
+    step, (params, extra) = restored
     return step, params, extra
 
 

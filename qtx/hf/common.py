@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from qtx.errors import UserError
+
 ACTIVATIONS_FROM_HF = {
     "gelu": "gelu",
     "gelu_new": "gelu_new",
@@ -98,7 +100,7 @@ def strip_prefix(sd: dict, prefixes: tuple[str, ...]) -> dict:
         elif key.endswith(".beta"):
             key = key[: -len("beta")] + "bias"
         if key in out:
-            raise ValueError(f"checkpoint has the key {key!r} twice (with and without prefix).")
+            raise UserError(f"checkpoint has the key {key!r} twice (with and without prefix).")
         out[key] = value
     return out
 
@@ -110,7 +112,7 @@ def pop_tied(sd: dict, key: str, target: str, what: str) -> None:
     value = sd.pop(key)
     if target in sd and np.array_equal(np.asarray(value), np.asarray(sd[target])):
         return
-    raise ValueError(
+    raise UserError(
         f"checkpoint key {key!r} is not tied to {target!r}; qtx ties the {what} to the word "
         "embeddings and cannot represent an untied one."
     )
@@ -124,11 +126,11 @@ def pop_alias(sd: dict, key: str, target: str) -> None:
     if target not in sd:
         sd[target] = value
     elif not np.array_equal(np.asarray(value), np.asarray(sd[target])):
-        raise ValueError(f"checkpoint keys {key!r} and {target!r} should be equal but differ.")
+        raise UserError(f"checkpoint keys {key!r} and {target!r} should be equal but differ.")
 
 
-def unsupported(model_type: str, what: str) -> ValueError:
-    return ValueError(f"{model_type} checkpoint with {what} is not supported by qtx.")
+def unsupported(model_type: str, what: str) -> UserError:
+    return UserError(f"{model_type} checkpoint with {what} is not supported by qtx.")
 
 
 def activation_from_hf(name: str, model_type: str) -> str:

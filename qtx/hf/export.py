@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from qtx.errors import UserError
 from qtx.hf import io
 from qtx.hf.common import ACTIVATIONS_TO_HF, to_hf
 from qtx.hf.load import CONVERTERS
@@ -48,7 +49,7 @@ def state_dict_to_hf(cfg: ModelConfig, params: Mapping) -> dict[str, np.ndarray]
     missing = sorted("/".join(e.ours) for e in entries if e.ours not in flat)
     extra = sorted("/".join(p) for p in flat if p not in known)
     if missing or extra:
-        raise ValueError(
+        raise UserError(
             f"params do not match the vanilla {cfg.family} model of this config: missing "
             f"{missing}, not exportable {extra} (quantizer or variant parameters have no HF "
             "equivalent; qtx's own orbax checkpoints keep them)."
@@ -67,7 +68,7 @@ def export(path, cfg: ModelConfig, variables: Mapping) -> str:
     """
     problems = export_problems(cfg)
     if problems:
-        raise ValueError(
+        raise UserError(
             f"cannot export to Hugging Face: {', '.join(problems)} has no equivalent in HF's "
             f"{CONVERTERS[cfg.family].architecture(cfg)}; use qtx's own (orbax) checkpoints, "
             "which keep these settings and their parameters."

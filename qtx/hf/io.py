@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 
+from qtx.errors import UserError
+
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 TORCH_BIN = "pytorch_model.bin"
@@ -38,7 +40,7 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 def _check_dir(path) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(
+        raise UserError(
             f"Hugging Face checkpoint directory {path!r} does not exist; pass a local directory "
             "written by save_pretrained (this loader never downloads)."
         )
@@ -49,7 +51,7 @@ def read_config(path) -> dict:
     """``config.json`` of the checkpoint directory ``path`` as a dict."""
     file = os.path.join(_check_dir(path), CONFIG)
     if not os.path.isfile(file):
-        raise ValueError(f"{path!r} has no {CONFIG}; it is not a Hugging Face checkpoint dir.")
+        raise UserError(f"{path!r} has no {CONFIG}; it is not a Hugging Face checkpoint dir.")
     with open(file) as f:
         return json.load(f)
 
@@ -65,7 +67,7 @@ def read_safetensors(file) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} in {file} has unsupported dtype {info['dtype']}.")
+            raise UserError(f"tensor {name!r} in {file} has unsupported dtype {info['dtype']}.")
         start, end = info["data_offsets"]
         arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
         out[name] = arr.reshape(info["shape"]).copy()
@@ -78,7 +80,7 @@ def write_safetensors(file, tensors: Mapping[str, np.ndarray]) -> None:
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         if arr.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {arr.dtype}.")
+            raise UserError(f"tensor {name!r} has unsupported dtype {arr.dtype}.")
         blob = arr.tobytes()
         header[name] = {
             "dtype": _ST_NAMES[arr.dtype],
@@ -100,7 +102,7 @@ def _read_torch_bin(file) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a test dependency
-        raise ValueError(f"reading {file} needs torch; install it or use safetensors.") from e
+        raise UserError(f"reading {file} needs torch; install it or use safetensors.") from e
     sd = torch.load(file, map_location="cpu", weights_only=True)
     out = {}
     for k, t in sd.items():
@@ -133,7 +135,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
             if sharded:
                 return _read_sharded(path, name, reader)
             return reader(os.path.join(path, name))
-    raise ValueError(
+    raise UserError(
         f"{path!r} has no weights; expected one of {', '.join(c[0] for c in candidates)}."
     )
 
@@ -150,7 +152,7 @@ def load_tokenizer(path):
         "sentencepiece.bpe.model",
     )
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
-        raise ValueError(
+        raise UserError(
             f"{path!r} has no tokenizer files (one of {', '.join(names)}); save the tokenizer "
             "with tokenizer.save_pretrained(path) next to the weights."
         )

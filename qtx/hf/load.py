@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from qtx.errors import UserError
 from qtx.hf import convert_bert, convert_opt, convert_vit, io
 from qtx.hf.common import to_ours
 from qtx.models.config import ModelConfig, model_config_from_dict
@@ -43,7 +44,7 @@ def _hf_config_object(hf_config):
         return hf_config  # a transformers PretrainedConfig
     d = dict(hf_config)
     if d.get("model_type") not in _BY_MODEL_TYPE:
-        raise ValueError(
+        raise UserError(
             f"Hugging Face model_type={d.get('model_type')!r} is not supported; allowed: "
             f"{', '.join(sorted(_BY_MODEL_TYPE))}."
         )
@@ -57,7 +58,7 @@ def _arch_and_head(c, module, head: str | None) -> tuple[str | None, str]:
     arch = archs[0] if archs else None
     allowed = [a for a in module.ARCHITECTURES if a.lower().startswith(c.model_type)]
     if arch is not None and arch not in allowed:
-        raise ValueError(
+        raise UserError(
             f"architecture {arch!r} is not supported; allowed for model_type "
             f"{c.model_type!r}: {', '.join(allowed)}."
         )
@@ -73,7 +74,7 @@ def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
     """
     c = _hf_config_object(hf_config)
     if c.model_type not in _BY_MODEL_TYPE:
-        raise ValueError(f"Hugging Face model_type={c.model_type!r} is not supported.")
+        raise UserError(f"Hugging Face model_type={c.model_type!r} is not supported.")
     module = _BY_MODEL_TYPE[c.model_type]
     arch, head = _arch_and_head(c, module, head)
     return module.config_from_hf(c, arch, head)
@@ -89,13 +90,13 @@ def _convert(sd: Mapping, cfg: ModelConfig):
     entries = {e.hf: e for e in layout}
     unknown = sorted(k for k in sd if k not in entries)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"checkpoint key(s) {unknown} map to no parameter of the qtx {cfg.family} model "
             f"(head={cfg.head!r}); qtx never drops weights silently."
         )
     missing = sorted(e.hf for e in layout if e.hf not in sd)
     if missing:
-        raise ValueError(
+        raise UserError(
             f"checkpoint lacks the key(s) {missing} of the qtx {cfg.family} model "
             f"(head={cfg.head!r}); refusing to initialise pretrained weights randomly."
         )
@@ -115,7 +116,7 @@ def params_from_hf(family: str, state_dict: Mapping, cfg: ModelConfig) -> dict:
     present, else ValueError naming them."""
     family = "vit" if family == "deit" else family
     if family != cfg.family:
-        raise ValueError(f"family={family!r} does not match config.model.family={cfg.family!r}.")
+        raise UserError(f"family={family!r} does not match config.model.family={cfg.family!r}.")
     flat, _, _ = _convert(state_dict, cfg)
     return unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
@@ -129,7 +130,7 @@ def _check_against(flat, origin, vanilla_shapes, fresh_ok, cfg) -> list:
     """Shape and coverage checks of the converted params against the vanilla model."""
     extra = sorted(origin[p] for p in flat if p not in vanilla_shapes)
     if extra:
-        raise ValueError(
+        raise UserError(
             f"checkpoint key(s) {extra} have no parameter in the qtx {cfg.family} model "
             f"(head={cfg.head!r})."
         )
@@ -139,11 +140,11 @@ def _check_against(flat, origin, vanilla_shapes, fresh_ok, cfg) -> list:
         if tuple(v.shape) != tuple(vanilla_shapes[p].shape)
     ]
     if bad:
-        raise ValueError(f"checkpoint tensor shape(s) do not match the qtx model: {bad}.")
+        raise UserError(f"checkpoint tensor shape(s) do not match the qtx model: {bad}.")
     missing = [p for p in vanilla_shapes if p not in flat]
     not_ok = sorted("/".join(p) for p in missing if p[0] not in fresh_ok)
     if not_ok:
-        raise ValueError(
+        raise UserError(
             f"qtx parameter(s) {not_ok} have no value in the checkpoint; refusing to initialise "
             "pretrained weights randomly."
         )
@@ -261,7 +262,7 @@ def pretrained_params(path, cfg: ModelConfig) -> dict:
         keys, _ = module.canonical(dict(sd), ckpt_cfg)
     ckpt_cfg = module.refine(ckpt_cfg, keys)
     if ckpt_cfg.family != cfg.family:
-        raise ValueError(
+        raise UserError(
             f"config.init_from is a {ckpt_cfg.family} checkpoint; "
             f"config.model.name is a {cfg.family} model."
         )
@@ -275,7 +276,7 @@ def pretrained_params(path, cfg: ModelConfig) -> dict:
             f"config.model.vocab_size={cfg.vocab_size} (checkpoint: {ckpt_cfg.vocab_size})"
         )
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"the checkpoint at {path} has another architecture: " + "; ".join(diffs) + "."
         )
     flat, _, _ = _convert(sd, ckpt_cfg)

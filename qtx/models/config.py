@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.nn.attention import AttentionConfig
 from qtx.nn.transformer import ACTIVATIONS, BlockConfig
 
@@ -59,7 +60,7 @@ class ModelConfig:
 
     def __post_init__(self):
         def bad(field, allowed):
-            raise ValueError(
+            raise UserError(
                 f"config.model.{field}={getattr(self, field)!r} is invalid; allowed: {allowed}."
             )
 
@@ -123,7 +124,7 @@ def model_config_from_dict(d: Mapping[str, Any], base: ModelConfig | None = None
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(names)}.")
+        raise UserError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(names)}.")
     base = base or ModelConfig()
     att = d.pop("attention", None)
     if att is not None and not isinstance(att, AttentionConfig):
@@ -131,7 +132,7 @@ def model_config_from_dict(d: Mapping[str, Any], base: ModelConfig | None = None
         a_names = {f.name for f in dataclasses.fields(AttentionConfig)}
         a_unknown = sorted(set(att) - a_names)
         if a_unknown:
-            raise ValueError(
+            raise UserError(
                 f"config.model.attention has unknown field(s) {a_unknown}; allowed: "
                 f"{sorted(a_names)}."
             )

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.models.bert import Bert
 from qtx.models.config import ModelConfig, model_config_from_dict
 from qtx.models.opt import OPT
@@ -139,7 +140,7 @@ MODULES: dict[str, type[nn.Module]] = {"bert": Bert, "roberta": Bert, "opt": OPT
 def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) -> ModelConfig:
     """The preset ``name`` with ``overrides`` (``attention`` may be a nested mapping)."""
     if name not in SIZES:
-        raise ValueError(
+        raise UserError(
             f"config.model.name={name!r} is unknown; allowed: {', '.join(sorted(SIZES))}."
         )
     base = ModelConfig(**SIZES[name])

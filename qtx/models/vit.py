@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.models.bert import Classifier
 from qtx.models.config import ModelConfig
 from qtx.nn.layers import LayerNorm, PatchEmbed
@@ -71,7 +72,7 @@ class ViT(nn.Module):
     def __call__(self, images, deterministic: bool = True, output_hidden_states: bool = False):
         c, p = self.cfg, self.plan
         if images.ndim != 4 or images.shape[-1] != c.num_channels:
-            raise ValueError(
+            raise UserError(
                 f"images must be (B, H, W, {c.num_channels}) for config.model.num_channels="
                 f"{c.num_channels}; got shape {tuple(images.shape)}."
             )

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.nn.layers import Dense
 from qtx.quant import QuantPlan, QuantPoint
 
@@ -59,7 +60,7 @@ class AttentionConfig:
 
     def __post_init__(self):
         def bad(field, value, allowed):
-            raise ValueError(
+            raise UserError(
                 f"config.model.attention.{field}={value!r} is invalid; allowed: {allowed}."
             )
 
@@ -181,7 +182,7 @@ class MultiHeadAttention(nn.Module):
         b, t, d = x.shape
         h = self.num_heads
         if d % h:
-            raise ValueError(f"hidden_size={d} is not divisible by num_heads={h}.")
+            raise UserError(f"hidden_size={d} is not divisible by num_heads={h}.")
         dh = d // h
         p = self.plan
         dense = lambda n, f, std=None: Dense(  # noqa: E731

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.quant import QuantPlan, QuantPoint
 
 Dtype = Any
@@ -105,7 +106,7 @@ class PatchEmbed(nn.Module):
         b, h, w, c = images.shape
         p = self.patch_size
         if h % p or w % p:
-            raise ValueError(
+            raise UserError(
                 f"image size {h}x{w} is not divisible by patch_size={p}; allowed: image sizes "
                 f"that are multiples of {p}."
             )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.quant.quantizer import STATS, find_nonfinite, load_learnable_from_stats
 
 
@@ -33,7 +34,7 @@ def calibrate(forward: Callable, variables: dict, batches: Iterable) -> dict:
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
-        raise ValueError("calibration got no batches; give at least one calibration batch.")
+        raise UserError("calibration got no batches; give at least one calibration batch.")
     # Zero statistics (count 0) of the right structure: every batch then runs one program.
     shapes = jax.eval_shape(step, variables, first)
     variables[STATS] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -41,7 +42,7 @@ def calibrate(forward: Callable, variables: dict, batches: Iterable) -> dict:
         stats = step(variables, batch)
         bad = find_nonfinite(stats)
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"calibration batch {n - 1} produced NaN/Inf at quantization point(s) "
                 f"{', '.join(bad)}; check the inputs and the model in full precision."
             )

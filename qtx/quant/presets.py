@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from qtx.errors import UserError
 from qtx.quant.rules import QuantPlan, rule, rule_from_dict
 
 _EXCLUDE_HEADS = r"(^|/)(lm_head|mlm_head)/|(^|/)logits$|/logits$"
@@ -37,7 +38,7 @@ def parse_bits(s: str) -> dict[str, int]:
     """``"W6A6E6"`` -> ``{"w": 6, "a": 6, "e": 6}``; without E, ``e`` is None (preset default)."""
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)(?:[Ee](\d+))?", s.strip())
     if not m:
-        raise ValueError(
+        raise UserError(
             f"quantization bits {s!r} are invalid; allowed: 'W<bits>A<bits>' or "
             "'W<bits>A<bits>E<bits>', e.g. 'W8A8', 'W6A6E6', 'W4A4'."
         )
@@ -208,7 +209,7 @@ PRESETS = {
 def preset_rules(name: str, bits: str | Mapping | None = None, **options):
     """Rules of preset ``name`` at ``bits`` (a shortcut string or ``{"w", "a", "e"}``)."""
     if name not in PRESETS:
-        raise ValueError(f"quantization preset {name!r} is unknown; allowed: {', '.join(PRESETS)}.")
+        raise UserError(f"quantization preset {name!r} is unknown; allowed: {', '.join(PRESETS)}.")
     b = parse_bits(bits) if isinstance(bits, str) else dict(bits or {})
     return PRESETS[name](**b, **options)
 
@@ -219,7 +220,7 @@ def setup_rules(setup: str, **options):
     if name in PRESETS:
         return preset_rules(name, bits or None, **options)
     if bits:
-        raise ValueError(
+        raise UserError(
             f"quantization setup {setup!r} is invalid; allowed: '<preset>[:<bits>]' with preset "
             f"in {', '.join(PRESETS)}, or a bit shortcut such as 'W8A8'."
         )
@@ -240,7 +241,7 @@ def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
     known = {"preset", "bits", "options", "rules", "mode", "track"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ValueError(f"config.quant has unknown field(s) {unknown}; allowed: {sorted(known)}.")
+        raise UserError(f"config.quant has unknown field(s) {unknown}; allowed: {sorted(known)}.")
     extra = tuple(rule_from_dict(r) for r in (cfg.get("rules") or ()))
     preset = cfg.get("preset") or "none"
     if cfg.get("bits"):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from qtx.errors import UserError
 from qtx.quant import estimators
 from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
 from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
@@ -112,7 +113,7 @@ class QuantPoint(nn.Module):
         if spec.dynamic or self.is_initializing():
             return estimators.estimate(xv, view, spec)
         if not (self.has_variable(STATS, "lo") and self.has_variable(STATS, "hi")):
-            raise ValueError(
+            raise UserError(
                 f"quantization point '{name}' has no calibration statistics in '{STATS}'; "
                 "run the model in mode 'calibrate' first, or give it a dynamic estimator "
                 "(current_minmax)."
@@ -180,7 +181,7 @@ def load_learnable_from_stats(params, stats):
             continue
         key = path[:-1] + (target,)
         if key not in flat:
-            raise ValueError(
+            raise UserError(
                 f"calibration statistics of point '{'/'.join(path[:-1])}' have no matching "
                 f"parameter '{target}'; initialise the model with the same quantization plan."
             )

@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.quant.primitives import grid_bounds, uniform_quant
 from qtx.quant.spec import QuantSpec
 
@@ -30,7 +31,7 @@ class View:
 
 def _norm_axis(axis: int, ndim: int, where: str) -> int:
     if not -ndim <= axis < ndim:
-        raise ValueError(
+        raise UserError(
             f"quantization point '{where}': channel axis {axis} is out of range for a tensor "
             f"with {ndim} dims; allowed: {-ndim}..{ndim - 1}."
         )
@@ -54,7 +55,7 @@ def make_view(
         return View(shape, shape, (ndim - 1,), False)
     if g == "head":
         if head_axis is None:
-            raise ValueError(
+            raise UserError(
                 f"quantization point '{where}' has no head axis; granularity='head' is allowed "
                 "only at attention points (q, k, v, scores, softmax, context)."
             )
@@ -62,7 +63,7 @@ def make_view(
         return View(shape, shape, tuple(i for i in range(ndim) if i != ax), False)
     axis = spec.axis if spec.axis is not None else channel_axis
     if axis is None:
-        raise ValueError(
+        raise UserError(
             f"quantization point '{where}' has no default channel axis; set 'axis' in its rule."
         )
     ax = _norm_axis(axis, ndim, where)
@@ -71,7 +72,7 @@ def make_view(
     # group: split axis `ax` into (n_groups, group_size) and keep the group axis.
     gs = spec.group_size
     if shape[ax] % gs:
-        raise ValueError(
+        raise UserError(
             f"quantization point '{where}': group_size={gs} does not divide axis {ax} of size "
             f"{shape[ax]}; allowed: a divisor of {shape[ax]}."
         )

@@ -16,6 +16,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from qtx.errors import UserError
 from qtx.quant.spec import KINDS, MODES, QuantSpec, spec_from_dict
 
 
@@ -36,9 +37,9 @@ class QuantRule:
             re.compile(self.pattern)
         except re.error as e:
             msg = f"quant rule pattern {self.pattern!r} is not a valid regex: {e}."
-            raise ValueError(msg) from None
+            raise UserError(msg) from None
         if self.kind not in KINDS + ("any",):
-            raise ValueError(
+            raise UserError(
                 f"quant rule {self.pattern!r}: kind={self.kind!r} is invalid; allowed: "
                 "weight, act, any."
             )
@@ -62,7 +63,7 @@ class QuantPlan:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"quant plan mode={self.mode!r} is invalid; allowed: {MODES}.")
+            raise UserError(f"quant plan mode={self.mode!r} is invalid; allowed: {MODES}.")
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "track", tuple(self.track))
 
@@ -104,7 +105,7 @@ def rule_from_dict(d: Mapping) -> QuantRule:
     """A rule from a config mapping: ``pattern``, optional ``kind``/``label``/``off``, settings."""
     d = dict(d)
     if "pattern" not in d:
-        raise ValueError(f"quant rule {d} has no 'pattern'; every rule needs a regex pattern.")
+        raise UserError(f"quant rule {d} has no 'pattern'; every rule needs a regex pattern.")
     return rule(
         d.pop("pattern"),
         d.pop("kind", "any"),

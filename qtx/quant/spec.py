@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qtx.errors import UserError
+
 SCHEMES = ("symmetric", "asymmetric", "unsigned")
 GRANULARITIES = ("tensor", "channel", "token", "head", "group")
 ESTIMATORS = (
@@ -43,7 +45,7 @@ KINDS = ("weight", "act")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"quantization setting '{field}'={value!r} is invalid; allowed: {allowed}.")
+    raise UserError(f"quantization setting '{field}'={value!r} is invalid; allowed: {allowed}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,7 @@ def spec_from_dict(d: dict, where: str = "rule") -> QuantSpec:
     names = {f.name for f in dataclasses.fields(QuantSpec)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{where}: unknown quantization setting(s) {unknown}; allowed: {sorted(names)}."
         )
     return QuantSpec(**d)

@@ -12,7 +12,8 @@ Sections of the ml_collections config (each documented where it is consumed)::
     mesh       qtx.train.mesh
     init_from  '' | a qtx workdir | a local HF checkpoint directory
 
-Every invalid value raises ValueError naming the field, the allowed values and nothing else.
+Every invalid value raises ``qtx.errors.UserError`` (a ValueError) naming the field, the allowed
+values and nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qtx.data.config import resolve_spec
+from qtx.errors import UserError
 from qtx.evaluate.outliers import track_patterns
 from qtx.models import ModelConfig, model_config
 from qtx.quant import QuantPlan, plan_from_config, setup_rules
@@ -67,7 +69,7 @@ def _settings(section: str, given: Mapping | None, defaults: dict) -> dict:
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"config.{section} has unknown field(s) {unknown}; allowed: {sorted(defaults)}."
         )
     return {**defaults, **given}
@@ -103,16 +105,16 @@ def load(config) -> Experiment:
     raw = _plain(config)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"config has unknown section(s) {unknown}; allowed: {list(SECTIONS)}.")
+        raise UserError(f"config has unknown section(s) {unknown}; allowed: {list(SECTIONS)}.")
     task = raw.get("task")
     if task not in TASKS:
-        raise ValueError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
+        raise UserError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
     # None means "the size preset's value" (configs list every field as an unset placeholder)
     mcfg = {k: v for k, v in dict(raw.get("model") or {}).items() if v is not None}
     if isinstance(mcfg.get("attention"), Mapping):
         mcfg["attention"] = {k: v for k, v in mcfg["attention"].items() if v is not None}
     if "name" not in mcfg:
-        raise ValueError(
+        raise UserError(
             "config.model.name is missing; allowed: a size preset such as "
             "'opt-125m', 'bert-base' or 'vit-s16'."
         )
@@ -120,12 +122,12 @@ def load(config) -> Experiment:
     mcfg.setdefault("head", HEAD_OF_TASK[task])
     model = model_config(name, mcfg)
     if model.family not in FAMILIES_OF_TASK[task]:
-        raise ValueError(
+        raise UserError(
             f"config.model.name={name!r} (family {model.family}) cannot run config.task="
             f"{task!r}; allowed families: {', '.join(FAMILIES_OF_TASK[task])}."
         )
     if model.head != HEAD_OF_TASK[task]:
-        raise ValueError(
+        raise UserError(
             f"config.model.head={model.head!r} does not fit config.task={task!r}; "
             f"allowed: {HEAD_OF_TASK[task]!r}."
         )
@@ -138,15 +140,15 @@ def load(config) -> Experiment:
     train = _settings("train", raw.get("train"), TRAIN_DEFAULTS)
     for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "calib_batches"):
         if int(train[f]) < 1:
-            raise ValueError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
+            raise UserError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
     if int(train["eval_every"]) < 0:
-        raise ValueError(
+        raise UserError(
             f"config.train.eval_every={train['eval_every']!r} is invalid; allowed: "
             "0 (only at the end) or a positive integer."
         )
     batch = int(data.get("batch_size", 16))
     if batch % int(optim["grad_accum"]):
-        raise ValueError(
+        raise UserError(
             f"config.optim.grad_accum={optim['grad_accum']} does not divide "
             f"config.data.batch_size={batch}; allowed: a divisor of the batch size."
         )
@@ -167,10 +169,10 @@ def load(config) -> Experiment:
         try:
             setup_rules(setup, **dict(ev["options"] or {}))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"config.eval.setups[{label!r}]: {e}") from None
+            raise UserError(f"config.eval.setups[{label!r}]: {e}") from None
     bad_mesh = sorted(set(exp.mesh) - set(AXES))
     if bad_mesh:
-        raise ValueError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
+        raise UserError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
     return exp
 
 

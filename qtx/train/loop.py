@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 from qtx import quant
 from qtx.data import make_pipeline
+from qtx.data.availability import missing_resources
+from qtx.data.config import resolve_spec
+from qtx.errors import MissingResources, UserError
 from qtx.evaluate.metrics import run_eval
 from qtx.models import build, dummy_inputs
 from qtx.train import experiment as experiment_lib
@@ -33,6 +36,7 @@ from qtx.train.mesh import (
 )
 from qtx.train.metrics import MetricWriter
 from qtx.train.optim import make_optimizer
+from qtx.train.preemption import StopOnSignal
 from qtx.train.pretrained import load_pretrained, merge_pretrained
 from qtx.train.steps import TrainState, make_eval_step, make_train_step
 
@@ -79,8 +83,23 @@ def prepare(config, devices=None):
     """``(experiment, mesh, pipeline)``: validates the whole config first (no compute before
     every field is known good), then joins the processes and builds the mesh and data."""
     exp = experiment_lib.load(config)
+    spec = resolve_spec(exp.data, exp.task)
+    missing = missing_resources(spec)
+    if missing:
+        raise MissingResources(missing)
     maybe_initialize_distributed()
     mesh = make_mesh(exp.mesh, devices)
+    for field, rows in (
+        ("data.batch_size", spec.batch_size),
+        ("data.eval_batch_size", spec.eval_batch_size),
+        ("train.calib_batch_size", exp.train["calib_batch_size"]),
+        ("eval.calib_batch_size", exp.eval["calib_batch_size"]),
+    ):
+        if rows and int(rows) % mesh.size:
+            raise UserError(
+                f"config.{field}={rows} does not split over the {mesh.size} devices of the "
+                f"mesh; allowed: a multiple of {mesh.size}."
+            )
     pipe = make_pipeline(
         exp.data,
         task=exp.task,
@@ -98,12 +117,12 @@ def train(config, workdir: str, devices=None) -> dict:
     exp, mesh, pipe = prepare(config, devices)
     cfg, plan, tr = exp.model, exp.plan, exp.train
     if cfg.family != "vit" and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
             f"tokenizer's {pipe.vocab_size}; allowed: >= {pipe.vocab_size}."
         )
     if exp.task in ("classification", "image") and pipe.num_classes not in (None, cfg.num_labels):
-        raise ValueError(
+        raise UserError(
             f"config.model.num_labels={cfg.num_labels} does not match the "
             f"{pipe.num_classes} classes of config.data.name; allowed: "
             f"{pipe.num_classes}."
@@ -129,19 +148,22 @@ def train(config, workdir: str, devices=None) -> dict:
         abstract_vars,
     )
     ckpt = Checkpointer(workdir, int(tr["keep_checkpoints"]), bool(tr["async_checkpoint"]))
-    start = ckpt.latest_step()
-    if start is not None:
+
+    def load(step):
+        abstract = abstract_state
         # extra collections (quant_stats) exist only after calibration: take them as stored
         if needs_calibration(plan):
-            extra = ckpt.restore_extra(start)
-            abstract_state = abstract_state.replace(extra=jax.eval_shape(lambda: extra))
-        sharding = tree_shardings(mesh, abstract_state)
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state,
-            sharding,
+            extra = ckpt.restore_extra(step)
+            abstract = abstract.replace(extra=jax.eval_shape(lambda: extra))
+        shardings = tree_shardings(mesh, abstract)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        state = ckpt.restore(abstract, start)
+        return ckpt.restore(target, step), shardings
+
+    restored = ckpt.restore_newest_intact(load)
+    if restored is not None:
+        start, (state, sharding) = restored
         say(f"resumed from {ckpt.directory}/{start}")
     else:
         start = 0
@@ -193,22 +215,34 @@ def train(config, workdir: str, devices=None) -> dict:
         )
         return writer.write(step, "eval", res)
 
-    step = start
-    for step, batch in zip(range(start, steps), pipe.train_iterator(start), strict=False):
-        state, metrics = p_train(state, global_batch(mesh, batch))
-        metrics = jax.device_get(metrics)
-        finite_or_raise(float(metrics["loss"]), step + 1)
-        finite_or_raise(float(metrics["grad_norm"]), step + 1, "the gradient norm")
-        done = step + 1
-        if done % int(tr["log_every"]) == 0 or done == steps:
-            last["train"] = writer.write(done, "train", metrics)
-            writer.progress(done, last["train"], units, unit_name)
-        if int(tr["eval_every"]) and done % int(tr["eval_every"]) == 0 and done != steps:
-            last["eval"] = evaluate(done)
-        if done % int(tr["checkpoint_every"]) == 0 or done == steps:
-            ckpt.save(state, model_meta(exp))
-    if steps > start:
-        last["eval"] = evaluate(steps)
-    ckpt.close()
-    writer.close()
+    try:
+        with StopOnSignal() as stop:
+            for step, batch in zip(range(start, steps), pipe.train_iterator(start), strict=False):
+                state, metrics = p_train(state, global_batch(mesh, batch))
+                metrics = jax.device_get(metrics)
+                finite_or_raise(float(metrics["loss"]), step + 1)
+                finite_or_raise(float(metrics["grad_norm"]), step + 1, "the gradient norm")
+                done = step + 1
+                if done % int(tr["log_every"]) == 0 or done == steps:
+                    last["train"] = writer.write(done, "train", metrics)
+                    writer.progress(done, last["train"], units, unit_name)
+                if int(tr["eval_every"]) and done % int(tr["eval_every"]) == 0 and done != steps:
+                    last["eval"] = evaluate(done)
+                saved = done % int(tr["checkpoint_every"]) == 0 or done == steps
+                if saved:
+                    ckpt.save(state, model_meta(exp))
+                if done < steps and stop.requested(done, ckpt.manager):
+                    if not saved:
+                        ckpt.save(state, model_meta(exp))
+                    ckpt.wait()
+                    say(
+                        f"stopped by {stop.name} after step {done}: checkpoint saved in "
+                        f"{ckpt.directory}/{done}; rerun the same command to continue."
+                    )
+                    return {**last, "stopped_at": done}
+        if steps > start:
+            last["eval"] = evaluate(steps)
+    finally:  # also on NaN/Inf or an interrupt: the saves under way reach the disk
+        ckpt.close()
+        writer.close()
     return last

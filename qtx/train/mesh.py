@@ -18,6 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qtx.errors import UserError
+
 AXES = ("data", "fsdp")
 
 
@@ -35,22 +37,22 @@ def make_mesh(cfg: Mapping | None = None, devices=None) -> Mesh:
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(AXES))
     if unknown:
-        raise ValueError(f"config.mesh has unknown field(s) {unknown}; allowed: {list(AXES)}.")
+        raise UserError(f"config.mesh has unknown field(s) {unknown}; allowed: {list(AXES)}.")
     devices = np.asarray(devices if devices is not None else jax.devices())
     n = devices.size
     sizes = [int(cfg.get("data", -1)), int(cfg.get("fsdp", 1))]
     given = dict(zip(AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError("config.mesh: at most one of data/fsdp may be -1 (all remaining).")
+        raise UserError("config.mesh: at most one of data/fsdp may be -1 (all remaining).")
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes) or n % fixed:
-        raise ValueError(
+        raise UserError(
             f"config.mesh={given} does not fit {n} devices; allowed: positive "
             f"sizes (or one -1) whose product divides {n}."
         )
     sizes = [n // fixed if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n:
-        raise ValueError(
+        raise UserError(
             f"config.mesh={given} uses {int(np.prod(sizes))} of {n} devices; "
             "allowed: sizes whose product equals the device count."
         )
@@ -93,7 +95,7 @@ def global_batch(mesh: Mesh, local_batch: dict):
     for k, v in local_batch.items():
         rows = np.shape(v)[0] * jax.process_count()
         if rows % n:
-            raise ValueError(
+            raise UserError(
                 f"the global batch ({rows} rows of '{k}') is not divisible by the {n} devices of "
                 "the mesh; set config.data.batch_size to a multiple of the device count."
             )

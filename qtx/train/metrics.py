@@ -41,8 +41,14 @@ class MetricWriter:
     def _truncate(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:  # a line cut short by a killed process is dropped
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue
         with open(self.path, "w") as f:
             f.writelines(keep)
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from qtx.errors import UserError
+
 DEFAULTS = dict(
     lr=1e-4,
     b1=0.9,
@@ -42,13 +44,13 @@ def optim_settings(cfg: Mapping | None) -> dict:
     given = dict(cfg or {})
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"config.optim has unknown field(s) {unknown}; allowed: {sorted(DEFAULTS)}."
         )
     s = {**DEFAULTS, **given}
 
     def bad(field, allowed):
-        raise ValueError(f"config.optim.{field}={s[field]!r} is invalid; allowed: {allowed}.")
+        raise UserError(f"config.optim.{field}={s[field]!r} is invalid; allowed: {allowed}.")
 
     if not s["lr"] > 0:
         bad("lr", "a positive number")

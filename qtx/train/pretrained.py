@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from qtx.errors import UserError
 from qtx.models import ModelConfig
 
 NEW_OK = (r"(^|/)attn/gate/", r"/(step|offset)$", r"^(classifier|dist_classifier)/", r"^pooler/")
@@ -37,7 +38,7 @@ def merge_pretrained(fresh, loaded, new_ok=NEW_OK, droppable=DROPPABLE):
         if k in g and np.shape(g[k]) != np.shape(f[k])
     ]
     if missing or unused or shapes:
-        raise ValueError(
+        raise UserError(
             "config.init_from does not fit the configured model: "
             + "; ".join(
                 s
@@ -76,7 +77,7 @@ def is_hf_dir(path: str) -> bool:
 def load_pretrained(path: str, cfg: ModelConfig):
     """Pretrained parameters (a tree of numpy arrays) from a qtx workdir or an HF dir."""
     if not os.path.isdir(path):
-        raise ValueError(
+        raise UserError(
             f"config.init_from={path!r} is not a directory; allowed: a qtx workdir "
             "(with checkpoints/) or a local Hugging Face checkpoint directory."
         )
@@ -88,14 +89,23 @@ def load_pretrained(path: str, cfg: ModelConfig):
         from qtx.train.checkpoint import Checkpointer
 
         ck = Checkpointer(path, async_save=False)
-        if ck.latest_step() is None:
-            raise ValueError(f"config.init_from={path!r} has no checkpoint in checkpoints/.")
-        shapes = ck.stored_params_shapes()
-        abstract = unflatten_dict(
-            {tuple(k.split("/")): jax.ShapeDtypeStruct(s, np.float32) for k, s in shapes.items()}
-        )
-        return jax.tree.map(np.asarray, ck.restore_params(abstract))
-    raise ValueError(
+
+        def load(step):
+            shapes = ck.stored_params_shapes(step)
+            abstract = unflatten_dict(
+                {
+                    tuple(k.split("/")): jax.ShapeDtypeStruct(s, np.float32)
+                    for k, s in shapes.items()
+                }
+            )
+            return jax.tree.map(np.asarray, ck.restore_params(abstract, step))
+
+        restored = ck.restore_newest_intact(load, move_aside=False)  # another run's workdir
+        ck.close()
+        if restored is None:
+            raise UserError(f"config.init_from={path!r} has no checkpoint in checkpoints/.")
+        return restored[1]
+    raise UserError(
         f"config.init_from={path!r} holds neither checkpoints/ (qtx) nor "
         "config.json + model.safetensors / pytorch_model.bin (Hugging Face)."
     )
