@@ -206,6 +206,42 @@ def test_opt_is_causal():
     assert not np.allclose(np.asarray(a[0, 6:]), np.asarray(b[0, 6:]))
 
 
+@pytest.mark.parametrize("condition", ["token", "head", "none"])
+@pytest.mark.parametrize("gate", ["linear", "mlp", "mlp_wide", "all_heads_linear"])
+def test_opt_gates_never_see_a_later_token(gate, condition):
+    """Per-head gates pool causally in OPT: changing token 6 leaves logits 0..5 unchanged,
+    with and without left padding."""
+    cfg = model_config(
+        "opt-tiny", num_layers=1, attention={"gate": gate, "gate_condition": condition}
+    )
+    m = build(cfg)
+    ids = jnp.arange(1, 9)[None] % 50
+    v = m.init(jax.random.key(0), ids)
+    for first, mask in ((0, None), (2, jnp.array([[0, 0, 1, 1, 1, 1, 1, 1]]))):
+        a = m.apply(v, ids, attention_mask=mask)["logits"]
+        b = m.apply(v, ids.at[0, 6].set(3), attention_mask=mask)["logits"]
+        real = slice(first, 6)  # padded rows attend to everything masked, as in HF
+        np.testing.assert_allclose(np.asarray(a[0, real]), np.asarray(b[0, real]), atol=1e-6)
+        assert not np.allclose(np.asarray(a[0, 6:]), np.asarray(b[0, 6:]))
+
+
+def test_causal_head_gate_is_a_running_mean_of_the_token_logits():
+    cfg = AttentionConfig(gate="linear", gate_condition="head")
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    mask = jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
+    token = Gate(2, AttentionConfig(gate="linear"))
+    v = token.init(jax.random.key(2), x)
+    logits = np.log(np.asarray(token.apply(v, x)) / (1 - np.asarray(token.apply(v, x))))
+    m = np.asarray(mask, np.float64)[..., None]
+    running = np.cumsum(logits * m, 1) / np.maximum(np.cumsum(m, 1), 1)
+    pooled = (logits * m).sum(1, keepdims=True) / m.sum(1, keepdims=True)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    got = Gate(2, cfg, causal=True).apply(v, x, mask)
+    np.testing.assert_allclose(np.asarray(got), sig(running), atol=1e-6)
+    got = Gate(2, cfg).apply(v, x, mask)
+    np.testing.assert_allclose(np.asarray(got), sig(pooled), atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -111,6 +111,7 @@ class ModelConfig:
             init_std=self.init_std,
             attention=self.attention,
             dtype=self.compute_dtype,
+            causal=self.family == "opt",
             **overrides,
         )
 

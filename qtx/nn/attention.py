@@ -13,8 +13,9 @@ Gates multiply each head's output before the output projection:
 * ``linear``: per head, ``Linear(d_head -> 1)`` on the head's slice of x; bias ``logit(pi_init)``;
 * ``mlp`` / ``mlp_wide``: per head, ``d_head -> d_head/4`` (or ``d_head``) ``-> 1`` with ReLU;
 * ``all_heads_linear``: ``Linear(d_model -> n_heads)`` on the full x;
-* ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over T: one
-  gate per head and sequence) or ``none`` (one learned scalar per head, initialised to 0, or
+* ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over the
+  real tokens: one gate per head and sequence; in causal models (OPT) a running mean over
+  positions <= t, so no gate sees a later token) or ``none`` (one learned scalar per head, initialised to 0, or
   to ``logit(pi_init)`` in fine-tuning mode);
 * ``gate_finetune``: the gate is divided by ``pi_init`` and gate weights start at
   ``gate_init_std`` (near 0), so a pretrained model starts unchanged.
@@ -114,11 +115,16 @@ class Gate(nn.Module):
     """Gate probabilities ``pi`` from the attention input ``x`` (B, T, D).
 
     Returns (B, T, H) for token gates, (B, 1, H) for per-head and unconditional gates.
+    Per-head gates mean-pool the logits over the real tokens (``mask`` (B, T)); in a causal
+    model (``causal``) the pool at position t covers positions <= t only, a running mean
+    ``sum_{s<=t} m_s l_s / max(sum_{s<=t} m_s, 1)`` of shape (B, T, H), so no gate sees a
+    later token.
     """
 
     num_heads: int
     cfg: AttentionConfig
     plan: QuantPlan = QuantPlan()
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -149,13 +155,12 @@ class Gate(nn.Module):
                 w2 = self.param("out_kernel", w_init, (h, hidden))
                 logits = jnp.einsum("bthk,hk->bth", z, w2) + self.param("bias", bias_init, (h,))
         if cfg.gate_condition == "head":
-            if mask is None:
-                logits = logits.mean(axis=1, keepdims=True)
+            m = jnp.ones((b, t, 1)) if mask is None else mask.astype(jnp.float32)[..., None]
+            if self.causal:
+                num, den = jnp.cumsum(logits * m, axis=1), jnp.cumsum(m, axis=1)
             else:
-                m = mask.astype(jnp.float32)[..., None]
-                logits = (logits * m).sum(1, keepdims=True) / jnp.maximum(
-                    m.sum(1, keepdims=True), 1
-                )
+                num, den = (logits * m).sum(1, keepdims=True), m.sum(1, keepdims=True)
+            logits = num / jnp.maximum(den, 1.0)
         pi = jax.nn.sigmoid(logits)
         return pi / cfg.pi_init if cfg.gate_finetune else pi
 
@@ -176,6 +181,7 @@ class MultiHeadAttention(nn.Module):
     init_std: float = 0.02
     out_init_std: float | None = None
     dtype: Any = jnp.float32
+    causal: bool = False  # only gates need it (their per-head pooling); ``mask`` is causal
 
     @nn.compact
     def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True):
@@ -208,7 +214,7 @@ class MultiHeadAttention(nn.Module):
             probs = nn.Dropout(self.dropout)(probs, deterministic=False)
         context = jnp.einsum("bhts,bshd->bthd", probs, v)
         if self.cfg.gate != "none":
-            pi = Gate(h, self.cfg, p, name="gate")(x, token_mask)
+            pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(x, token_mask)
             context = context * pi[..., None].astype(context.dtype)
         context = QuantPoint(p, head_axis=2, name="context")(context)
         out = dense("o_proj", d, self.out_init_std)(context.reshape(b, t, d))

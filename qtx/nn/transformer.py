@@ -53,6 +53,7 @@ class BlockConfig:
     out_init_std: float | None = None
     attention: AttentionConfig = AttentionConfig()
     dtype: Any = jnp.float32
+    causal: bool = False  # a decoder: position t sees positions <= t only
 
 
 class FFN(nn.Module):
@@ -100,6 +101,7 @@ class TransformerLayer(nn.Module):
             init_std=c.init_std,
             out_init_std=c.out_init_std,
             dtype=c.dtype,
+            causal=c.causal,
             name="attn",
         )
         ffn = FFN(c, p, name="ffn")
