@@ -15,8 +15,8 @@ Gates multiply each head's output before the output projection:
 * ``all_heads_linear``: ``Linear(d_model -> n_heads)`` on the full x;
 * ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over the
   real tokens: one gate per head and sequence; in causal models (OPT) a running mean over
-  positions <= t, so no gate sees a later token) or ``none`` (one learned scalar per head, initialised to 0, or
-  to ``logit(pi_init)`` in fine-tuning mode);
+  positions <= t, so no gate sees a later token) or ``none`` (one learned scalar per head,
+  initialised to 0, or to ``logit(pi_init)`` in fine-tuning mode);
 * ``gate_finetune``: the gate is divided by ``pi_init`` and gate weights start at
   ``gate_init_std`` (near 0), so a pretrained model starts unchanged.
 
