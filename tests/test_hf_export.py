@@ -226,3 +226,42 @@ def test_bfloat16_safetensors_and_tokenizer_errors(tmp_path):
         qtx.hf.load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         qtx.hf.load(tmp_path / "nope")
+
+
+def _hf_roberta(path):
+    torch.manual_seed(0)
+    c = transformers.RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        type_vocab_size=1,
+    )
+    transformers.RobertaForMaskedLM(c).save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        (None, None, None),
+        ("ln_eps", 1e-12, r"config.model.ln_eps=1e-12 \(checkpoint: 1e-05\)"),
+        ("pad_token_id", 0, r"config.model.pad_token_id=0 \(checkpoint: 1; it sets RoBERTa"),
+        ("vocab_size", 128, r"config.model.vocab_size=128 \(checkpoint: 99\)"),
+    ],
+)
+def test_pretrained_params_refuses_every_field_that_changes_the_math(tmp_path, field, value, match):
+    _hf_roberta(tmp_path)
+    over = dict(SMALL, vocab_size=99, max_positions=40, ln_eps=1e-5, pad_token_id=1, head="mlm")
+    if field:
+        over[field] = value
+    cfg = model_config("roberta-tiny", **over)
+    if match is None:
+        params = qtx.hf.pretrained_params(str(tmp_path), cfg)
+        assert params["embed"]["word"]["embedding"].shape == (99, 32)
+        return
+    with pytest.raises(ValueError, match=match):
+        qtx.hf.pretrained_params(str(tmp_path), cfg)

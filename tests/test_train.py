@@ -4,6 +4,7 @@ configs rejected before compute, init_from with a change of attention variant, Q
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import unflatten_dict
 from tiny_runs import opt_train_cmd
 
 from configs import common
 from qtx.train import experiment
 from qtx.train.checkpoint import Checkpointer
 from qtx.train.loop import train
+from qtx.train.losses import sane_for_checkpoint
 from qtx.train.pretrained import merge_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,25 +56,36 @@ def test_mesh_2x4_matches_one_device(tmp_path):
     assert a[4]["loss"] < a[1]["loss"]
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_sane_checkpoint(tmp_path, capsys):
     c = tiny_opt(steps=8, checkpoint_every=1, async_checkpoint=False)
     c.optim.update(lr=1e9, clip_norm=0.0, warmup_steps=4, schedule="constant")
     with pytest.raises(FloatingPointError, match=r"at step (\d+); training stopped") as err:
         train(c, str(tmp_path))
-    bad_step = int(__import__("re").search(r"at step (\d+)", str(err.value)).group(1))
+    bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    losses = {s: r["loss"] for s, r in read_metrics(tmp_path).items()}
     ck = Checkpointer(str(tmp_path), async_save=False)
     step = ck.latest_step()
-    assert step is not None and step == bad_step - 1
+    assert step is not None and step < bad_step
+    # the state saved after the blow-up step was vouched against by the next (NaN) loss:
+    # it is moved aside, never deleted, and the kept one is the newest whose next loss was sane
+    diverged = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints_diverged"))
+    assert diverged == [bad_step - 1] and step == bad_step - 2
+    assert "is not sane" in capsys.readouterr().out
+    assert np.isfinite(losses[step + 1]) and losses[step + 1] < 20
     shapes = ck.stored_params_shapes(step)
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, np.float32),
-        __import__("flax").traverse_util.unflatten_dict(
-            {tuple(k.split("/")): v for k, v in shapes.items()}
-        ),
-        is_leaf=lambda x: isinstance(x, tuple),
+    abstract = unflatten_dict(
+        {tuple(k.split("/")): jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
     )
     params = ck.restore_params(abstract, step)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert all(np.abs(np.asarray(x)).max() < 1e3 for x in jax.tree.leaves(params))
+
+
+def test_sane_for_checkpoint_rule():
+    assert sane_for_checkpoint(5.0, [], 10.0)
+    assert not sane_for_checkpoint(float("nan"), [], 10.0)
+    assert sane_for_checkpoint(9.9, [0.2, 0.3, 0.1], 10.0)  # the floor of 1 for small losses
+    assert not sane_for_checkpoint(31.0, [3.0, 2.9, 3.1], 10.0)
+    assert sane_for_checkpoint(29.0, [3.0, 2.9, 3.1], 10.0)
 
 
 @pytest.mark.parametrize(

@@ -241,16 +241,19 @@ ARCHITECTURE_FIELDS = (
     "num_channels",
     "distillation_token",
     "use_bias",
+    "ln_eps",
 )
 
 
 def pretrained_params(path, cfg: ModelConfig) -> dict:
     """The parameters of the checkpoint at ``path`` (its own head) for starting ``cfg``.
 
-    The checkpoint's architecture must equal ``cfg``'s (family and the shape-defining fields;
-    ``cfg.vocab_size`` may be larger, e.g. OPT's padded 50272): any difference is an error
-    naming ``config.model.<field>``. Heads, gates and quantizer parameters are reconciled by
-    :func:`qtx.train.pretrained.merge_pretrained`.
+    The checkpoint's architecture must equal ``cfg``'s in every field that changes the math:
+    the family, :data:`ARCHITECTURE_FIELDS` (shapes, LayerNorm placement and epsilon,
+    activation, positions), ``vocab_size`` (equal, not larger: the embedding is not padded)
+    and, for RoBERTa, ``pad_token_id`` (it sets the position ids). Any difference is an error
+    naming ``config.model.<field>``. The attention variant may differ; heads, gates and
+    quantizer parameters are reconciled by :func:`qtx.train.pretrained.merge_pretrained`.
     """
     hf = io.read_config(path)
     ckpt_cfg = config_from_hf(hf)
@@ -274,6 +277,11 @@ def pretrained_params(path, cfg: ModelConfig) -> dict:
     if cfg.family != "vit" and cfg.vocab_size != ckpt_cfg.vocab_size:
         diffs.append(
             f"config.model.vocab_size={cfg.vocab_size} (checkpoint: {ckpt_cfg.vocab_size})"
+        )
+    if cfg.family == "roberta" and cfg.pad_token_id != ckpt_cfg.pad_token_id:
+        diffs.append(
+            f"config.model.pad_token_id={cfg.pad_token_id} (checkpoint: "
+            f"{ckpt_cfg.pad_token_id}; it sets RoBERTa's position ids)"
         )
     if diffs:
         raise UserError(

@@ -42,6 +42,7 @@ from qtx.train.steps import TrainState
 
 MANIFEST = "SHA256SUMS"
 DAMAGED_DIR = "checkpoints_damaged"
+DIVERGED_DIR = "checkpoints_diverged"
 _CHUNK = 1 << 24
 T = TypeVar("T")
 
@@ -278,30 +279,45 @@ class Checkpointer:
             "away to start over, or use a fresh --workdir."
         )
 
+    def _move(self, step: int, folder: str) -> str:
+        """Moves step ``step`` to ``<workdir>/<folder>/<step>`` (process 0); returns where."""
+        target = os.path.join(self.workdir, folder, str(step))
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(self.workdir, folder, f"{step}.{n}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(self.step_dir(step), target)
+        return target
+
+    def _moved(self) -> None:
+        self._reopen()  # orbax caches the step list
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("qtx_checkpoints_moved_aside")
+
     def _set_aside(self, damaged: list[tuple[int, str]], move: bool, fallback: int) -> None:
         for step, why in damaged:
-            where = "left in place"
-            if move:
-                target = os.path.join(self.workdir, DAMAGED_DIR, str(step))
-                n = 1
-                while os.path.exists(target):
-                    n += 1
-                    target = os.path.join(self.workdir, DAMAGED_DIR, f"{step}.{n}")
-                where = f"moved to {target}"
-                if jax.process_index() == 0:
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.move(self.step_dir(step), target)
+            where = f"moved to {self._move(step, DAMAGED_DIR)}" if move else "left in place"
             if jax.process_index() == 0:
                 print(
                     f"checkpoint step {step} is damaged ({why}); {where}; using step {fallback}.",
                     flush=True,
                 )
         if damaged and move:
-            self._reopen()  # orbax caches the step list
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
+            self._moved()
 
-                multihost_utils.sync_global_devices("qtx_checkpoints_moved_aside")
+    def set_aside_diverged(self, step: int) -> str:
+        """Moves a saved step whose state turned out to diverge to
+        ``<workdir>/checkpoints_diverged/<step>`` (after its save has completed)."""
+        self.wait()
+        if step not in self.steps():
+            return ""
+        where = self._move(step, DIVERGED_DIR)
+        self._moved()
+        return where
 
     def meta(self, step: int) -> dict:
         m = self._open(write=False)

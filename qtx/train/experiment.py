@@ -44,6 +44,9 @@ TRAIN_DEFAULTS = dict(
     calib_batches=4,  # QAT: batches that initialise quantizer ranges and LSQ steps
     calib_batch_size=None,  # None: the training batch size
     tensorboard=True,
+    # a checkpoint is skipped while the loss exceeds this factor times max(1, the median loss
+    # of the last 100 steps): a diverging run never replaces its last good checkpoint
+    sane_loss_factor=10.0,
 )
 EVAL_DEFAULTS = dict(
     setups=("W8A8",),  # quantized setups: names of qtx.quant.setup_rules (or {name: setup})
@@ -141,6 +144,11 @@ def load(config) -> Experiment:
     for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "calib_batches"):
         if int(train[f]) < 1:
             raise UserError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
+    factor = train["sane_loss_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
+        raise UserError(
+            f"config.train.sane_loss_factor={factor!r} is invalid; allowed: a number > 1."
+        )
     if int(train["eval_every"]) < 0:
         raise UserError(
             f"config.train.eval_every={train['eval_every']!r} is invalid; allowed: "

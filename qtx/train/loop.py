@@ -8,6 +8,7 @@ saved, naming the step.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ from qtx.evaluate.metrics import run_eval
 from qtx.models import build, dummy_inputs
 from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.losses import finite_or_raise, model_inputs
+from qtx.train.losses import finite_or_raise, model_inputs, sane_for_checkpoint
 from qtx.train.mesh import (
     batch_sharding,
     fetch,
@@ -215,11 +216,36 @@ def train(config, workdir: str, devices=None) -> dict:
         )
         return writer.write(step, "eval", res)
 
+    # Divergence: the loss of step k measures the state saved after step k-1. A save is
+    # skipped while the loss is not sane (losses.sane_for_checkpoint), and a saved state
+    # whose next loss is not sane (or NaN) is moved to checkpoints_diverged/, so the
+    # checkpoint a NaN stop leaves is the newest sane one.
+    recent: collections.deque[float] = collections.deque(maxlen=100)
+    factor = float(tr["sane_loss_factor"])
+    unverified: list[int] = []  # the step saved last, until the next loss vouches for it
+
+    def verdict(step: int, loss: float) -> None:
+        if unverified and not sane_for_checkpoint(loss, list(recent), factor):
+            where = ckpt.set_aside_diverged(unverified[0])
+            say(
+                f"step {step}: loss {loss:.4g} is not sane (> {factor:g}x the running median); "
+                f"the checkpoint of step {unverified[0]} is moved to {where}."
+            )
+        unverified.clear()
+
+    def save_if_sane(step: int, loss: float) -> None:
+        if sane_for_checkpoint(loss, list(recent), factor):
+            ckpt.save(state, model_meta(exp))
+            unverified.append(step)
+        else:
+            say(f"step {step}: loss {loss:.4g} is not sane; no checkpoint saved.")
+
     try:
         with StopOnSignal() as stop:
             for step, batch in zip(range(start, steps), pipe.train_iterator(start), strict=False):
                 state, metrics = p_train(state, global_batch(mesh, batch))
                 metrics = jax.device_get(metrics)
+                verdict(step + 1, float(metrics["loss"]))
                 finite_or_raise(float(metrics["loss"]), step + 1)
                 finite_or_raise(float(metrics["grad_norm"]), step + 1, "the gradient norm")
                 done = step + 1
@@ -228,18 +254,21 @@ def train(config, workdir: str, devices=None) -> dict:
                     writer.progress(done, last["train"], units, unit_name)
                 if int(tr["eval_every"]) and done % int(tr["eval_every"]) == 0 and done != steps:
                     last["eval"] = evaluate(done)
+                loss = float(metrics["loss"])
                 saved = done % int(tr["checkpoint_every"]) == 0 or done == steps
                 if saved:
-                    ckpt.save(state, model_meta(exp))
+                    save_if_sane(done, loss)
                 if done < steps and stop.requested(done, ckpt.manager):
                     if not saved:
-                        ckpt.save(state, model_meta(exp))
+                        save_if_sane(done, loss)
                     ckpt.wait()
                     say(
                         f"stopped by {stop.name} after step {done}: checkpoint saved in "
-                        f"{ckpt.directory}/{done}; rerun the same command to continue."
+                        f"{ckpt.directory}/{ckpt.latest_step()}; rerun the same command to "
+                        "continue."
                     )
-                    return {**last, "stopped_at": done}
+                    return {**last, "stopped_at": ckpt.latest_step()}
+                recent.append(loss)
         if steps > start:
             last["eval"] = evaluate(steps)
     finally:  # also on NaN/Inf or an interrupt: the saves under way reach the disk

@@ -12,7 +12,10 @@ combine exactly: the mean loss is ``loss_sum / count``.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 TASKS = ("clm", "mlm", "classification", "image")
@@ -84,3 +87,16 @@ def finite_or_raise(value: float, step: int, what: str = "loss") -> None:
             "is kept. Lower config.optim.lr, check the data, or use config.model.dtype="
             "'float32'."
         )
+
+
+def sane_for_checkpoint(loss: float, recent: list[float], factor: float) -> bool:
+    """Whether a state with training ``loss`` is good enough to be kept as a checkpoint:
+    finite and at most ``factor * max(median(recent), 1)``, ``recent`` being the losses of the
+    steps before it (any finite loss passes when there are none). A diverging run (loss far
+    above its running median) then never replaces a good checkpoint, so the NaN stop that
+    follows finds one."""
+    if not math.isfinite(loss):
+        return False
+    if not recent:
+        return True
+    return loss <= factor * max(float(np.median(recent)), 1.0)
