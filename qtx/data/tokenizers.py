@@ -69,11 +69,8 @@ def load_tokenizer(spec: str):
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **specials)
         tok.model_max_length = 1 << 30
         return tok
-    try:
-        try:  # the local cache first: offline, the hub would be retried for a minute
-            return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        except (OSError, ValueError):
-            return AutoTokenizer.from_pretrained(spec)
+    try:  # the local cache first: offline, the hub would be retried for a minute
+        return _from_local_cache(spec) or AutoTokenizer.from_pretrained(spec)
     except Exception as err:  # hub/network/format errors all surface as one config error
         raise UserError(
             f"config.data.tokenizer={spec!r} could not be loaded ({type(err).__name__}: "
@@ -163,6 +160,17 @@ def unk_replacement(tokenizer) -> str | None:
     return unk
 
 
+@functools.lru_cache(maxsize=16)
+def _from_local_cache(spec: str):
+    """``AutoTokenizer`` for a hub name from the local cache only, or None (never the network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache, in whatever way
+        return None
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the Hugging Face hub can be reached (False when ``HF_HUB_OFFLINE`` is set)."""
     import socket
@@ -187,14 +195,7 @@ def tokenizer_missing(spec: str) -> str | None:
     the hub answers."""
     if spec.startswith("qtx:") or Path(spec).expanduser().is_dir():
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        return None
-    except Exception:  # noqa: BLE001 - not in the cache, in whatever way
-        pass
-    if hub_reachable():
+    if _from_local_cache(spec) is not None or hub_reachable():
         return None
     return (
         f"the tokenizer config.data.tokenizer={spec!r} is not in the local Hugging Face cache "

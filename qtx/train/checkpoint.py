@@ -11,9 +11,10 @@ Damage. Orbax does not checksum array data: a flipped byte restores silently as 
 number, a truncated chunk fails deep inside TensorStore. So once a save has completed, the
 primary process writes ``<step>/SHA256SUMS`` (the ``sha256sum`` format: every file of the step
 with its SHA-256; check by hand with ``cd <step> && sha256sum -c SHA256SUMS``). Restoring
-walks the steps from the newest: a step is damaged when a listed file is missing, has another
-size or another hash, or when orbax cannot read it (this also covers a step whose manifest
-was never written because the run was killed right after the save). Damaged steps newer than
+walks the steps from the newest: a step is damaged when a listed file is missing or hashes
+differently (truncated, overwritten, flipped bits), or when orbax cannot read it (this also
+covers a step whose manifest was never written because the run was killed right after the
+save). Damaged steps newer than
 the newest intact one are named in one line each and moved to
 ``<workdir>/checkpoints_damaged/`` (never deleted); if no step is intact, nothing is moved
 and one error names every step and what is wrong with it. On several hosts every process

@@ -222,21 +222,13 @@ def train(config, workdir: str, devices=None) -> dict:
     # checkpoint a NaN stop leaves is the newest sane one.
     recent: collections.deque[float] = collections.deque(maxlen=100)
     factor = float(tr["sane_loss_factor"])
-    unverified: list[int] = []  # the step saved last, until the next loss vouches for it
+    unverified = None  # the step saved last, until the next loss vouches for it
 
-    def verdict(step: int, loss: float) -> None:
-        if unverified and not sane_for_checkpoint(loss, list(recent), factor):
-            where = ckpt.set_aside_diverged(unverified[0])
-            say(
-                f"step {step}: loss {loss:.4g} is not sane (> {factor:g}x the running median); "
-                f"the checkpoint of step {unverified[0]} is moved to {where}."
-            )
-        unverified.clear()
-
-    def save_if_sane(step: int, loss: float) -> None:
-        if sane_for_checkpoint(loss, list(recent), factor):
+    def save_if_sane(step: int, loss: float, sane: bool) -> None:
+        nonlocal unverified
+        if sane:
             ckpt.save(state, model_meta(exp))
-            unverified.append(step)
+            unverified = step
         else:
             say(f"step {step}: loss {loss:.4g} is not sane; no checkpoint saved.")
 
@@ -245,22 +237,28 @@ def train(config, workdir: str, devices=None) -> dict:
             for step, batch in zip(range(start, steps), pipe.train_iterator(start), strict=False):
                 state, metrics = p_train(state, global_batch(mesh, batch))
                 metrics = jax.device_get(metrics)
-                verdict(step + 1, float(metrics["loss"]))
-                finite_or_raise(float(metrics["loss"]), step + 1)
-                finite_or_raise(float(metrics["grad_norm"]), step + 1, "the gradient norm")
-                done = step + 1
+                done, loss = step + 1, float(metrics["loss"])
+                sane = sane_for_checkpoint(loss, list(recent), factor)
+                if unverified is not None and not sane:
+                    where = ckpt.set_aside_diverged(unverified)
+                    say(
+                        f"step {done}: loss {loss:.4g} is not sane (> {factor:g}x the running "
+                        f"median); the checkpoint of step {unverified} is moved to {where}."
+                    )
+                unverified = None
+                finite_or_raise(loss, done)
+                finite_or_raise(float(metrics["grad_norm"]), done, "the gradient norm")
                 if done % int(tr["log_every"]) == 0 or done == steps:
                     last["train"] = writer.write(done, "train", metrics)
                     writer.progress(done, last["train"], units, unit_name)
                 if int(tr["eval_every"]) and done % int(tr["eval_every"]) == 0 and done != steps:
                     last["eval"] = evaluate(done)
-                loss = float(metrics["loss"])
                 saved = done % int(tr["checkpoint_every"]) == 0 or done == steps
                 if saved:
-                    save_if_sane(done, loss)
+                    save_if_sane(done, loss, sane)
                 if done < steps and stop.requested(done, ckpt.manager):
                     if not saved:
-                        save_if_sane(done, loss)
+                        save_if_sane(done, loss, sane)
                     ckpt.wait()
                     say(
                         f"stopped by {stop.name} after step {done}: checkpoint saved in "
