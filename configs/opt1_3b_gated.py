@@ -7,6 +7,13 @@ Full recipe (GPUs; REFERENCE.md §1):
 
 Expected (paper): W8A8 ppl 29.95 (all-heads linear gate).
 
+Where it differs from the paper (docs/recipes.md): the architecture is the reference code's
+(pre-LN, 768-wide embedding projection; not the HF checkpoint's); bfloat16 matmuls instead
+of fp16 AMP (parameters, LayerNorms, the residual stream and quantization stay float32);
+micro-batches sized for JAX (same global batch); the corpus is wiki40b alone unless
+BookCorpus text files are given (--config.data.text_files=...), then mixed in as in the
+paper; the expected numbers assume BookCorpus + Wikipedia.
+
 Offline on a 2-core CPU in a few minutes (tiny model, embedded data):
 
     python train.py --config=configs/opt1_3b_gated.py:tiny --workdir=runs/opt1_3b_gated_tiny

@@ -113,7 +113,7 @@ def test_w8a8_all_turns_on_exactly_the_expected_points():
     m, v = init(plan)
     rep = q.match_report(plan, points_of(m, v))
     off = set(rep.matched) - set(rep.quantized)
-    assert off == {"layer_0/attn/gate/weight", "logits"}
+    assert off == {"layer_0/attn/gate/weight", "logits", "layer_0/ffn/hidden"}
     assert "layer_0/attn/scores" in rep.quantized and "layer_0/residual_attn" in rep.quantized
     # the toy has no `embed/` prefix, so the embedding-weight rule is reported as unused
     assert rep.unused_rules == ["embedding weights"]
@@ -200,12 +200,19 @@ def test_jitted_calibration_matches_numpy_running_minmax():
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-6)
 
 
-def test_calibrate_mode_is_identity_and_quantize_needs_stats():
-    plan = QuantPlan((q.rule(".", bits=4),), mode="calibrate")
+def test_calibrate_mode_output_and_quantize_needs_stats():
+    """Parallel calibration passes x on unchanged; sequential passes it on fake-quantized with
+    the range so far (here one batch: the batch's min/max on a 4-bit asymmetric grid)."""
+    plan = QuantPlan((q.rule(".", bits=4),), mode="calibrate", calibration="parallel")
     x = jnp.linspace(-1, 1, 12).reshape(3, 4)
     v = Identity(plan).init(jax.random.key(0), x)
     y, _ = Identity(plan).apply(v, x, mutable=[q.STATS])
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    y, _ = Identity(plan.with_calibration("sequential")).apply(v, x, mutable=[q.STATS])
+    s = 2.0 / 15
+    z = np.round(1.0 / s)
+    want = (np.clip(np.round(np.asarray(x) / s) + z, 0, 15) - z) * s
+    np.testing.assert_allclose(np.asarray(y), want, atol=1e-6)
     with pytest.raises(ValueError, match="'x' has no calibration statistics"):
         Identity(plan.with_mode("quantize")).apply(v, x)
 

@@ -5,6 +5,12 @@ seeded by the tuple, so the batch of step ``s`` depends only on ``(seed, s)`` an
 how many batches were drawn before: resuming at ``start_step=s`` gives the same batches as
 an uninterrupted run. Random numbers are drawn at the *global* batch shape and then sliced
 to this process's rows, so the shards of all processes concatenate to the global batch.
+
+Repeated augmentation (``repeats`` r > 1, DeiT's RASampler): epoch e's row stream is its
+permutation with every entry repeated r times in a row, ``perm[j // r]`` for j < steps * B,
+so an epoch still has ``N // B`` steps and sees about N / r distinct images, each r times.
+Process k of p then takes the rows ``k, k + p, k + 2p, ...`` of each global batch (the
+repeated stream strided over processes), which puts the r copies on different processes.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 from qtx.errors import UserError
 
 # Stream tags keep independent uses of one seed apart.
-PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE = range(1, 8)
+PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE, RANDAUG = range(1, 9)
 EVAL_SEED = 20_231_028  # fixed: eval masking does not depend on config.data.seed
 
 
@@ -37,16 +43,28 @@ def steps_per_epoch(num_examples: int, global_batch: int, what: str) -> int:
     return steps
 
 
-def train_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+def train_indices(
+    num_examples: int, global_batch: int, seed: int, step: int, repeats: int = 1
+) -> np.ndarray:
     """Global row indices (B,) of training step ``step``.
 
     Each epoch is a fresh permutation seeded by ``(seed, epoch)``; the last partial batch
-    of an epoch is dropped, so every step has exactly ``global_batch`` distinct rows.
+    of an epoch is dropped, so with ``repeats=1`` every step has ``global_batch`` distinct
+    rows. With ``repeats`` r > 1, row j of the epoch is ``perm[j // r]`` (see above).
     """
     spe = steps_per_epoch(num_examples, global_batch, "the dataset")
     epoch, pos = divmod(int(step), spe)
     perm = _epoch_permutation(num_examples, seed, epoch)
-    return perm[pos * global_batch : (pos + 1) * global_batch]
+    return perm[(pos * global_batch + np.arange(global_batch)) // int(repeats)]
+
+
+def shard_rows(global_batch: int, process_index: int, process_count: int, strided: bool):
+    """(B/p,) rows of a global batch kept by process k of p: the block ``[k B/p, (k+1) B/p)``,
+    or ``k, k + p, ...`` when ``strided`` (repeated augmentation)."""
+    if strided:
+        return np.arange(process_index, global_batch, process_count)
+    n = global_batch // process_count
+    return np.arange(process_index * n, (process_index + 1) * n)
 
 
 @functools.lru_cache(maxsize=4)

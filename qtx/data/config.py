@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qtx.data import randaugment
 from qtx.errors import UserError
 
 TASKS = ("clm", "mlm", "classification", "image")
@@ -62,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "mix_switch_prob": 0.5,
     "label_smoothing": 0.0,
     "random_erase": 0.0,
+    "randaugment": "",
+    "repeated_aug": 1,
     "glue_max_len": None,
 }
 
@@ -94,6 +97,8 @@ class DataSpec:
     mix_switch_prob: float
     label_smoothing: float
     random_erase: float
+    randaugment: str
+    repeated_aug: int
     glue_max_len: int | None
     process_index: int
     process_count: int
@@ -206,6 +211,11 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         text_files = tuple(str(t) for t in text_files)
     if "text_files" in sources and not text_files:
         _fail("text_files", "a glob of text files when config.data.name uses text_files", None)
+    if text_files and "text_files" not in sources:
+        if not text_task or task == "classification":
+            _fail("text_files", f"None for task {task!r} (they feed clm/mlm only)", text_files)
+        # given text files are mixed into the LM sources (the papers' BookCorpus + Wikipedia)
+        sources = (*sources, "text_files")
     for field in ("local_dir", "data_dir"):
         if cfg[field] is not None and not isinstance(cfg[field], str | os.PathLike):
             _fail(field, "a directory path or None", cfg[field])
@@ -226,6 +236,7 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         _fail("channels", "1, 3 or None (the source's own)", cfg["channels"])
     if cfg["hflip"] is not None and not isinstance(cfg["hflip"], bool):
         _fail("hflip", "True, False or None (the dataset default)", cfg["hflip"])
+    randaugment.parse(cfg["randaugment"])  # raises naming config.data.randaugment
 
     return DataSpec(
         task=task,
@@ -252,6 +263,8 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         mix_switch_prob=_float(cfg, "mix_switch_prob", 0.0, 1.0),
         label_smoothing=_float(cfg, "label_smoothing", 0.0, 1.0, hi_open=True),
         random_erase=_float(cfg, "random_erase", 0.0, 1.0),
+        randaugment=cfg["randaugment"] or "",
+        repeated_aug=_int(cfg, "repeated_aug", 1),
         glue_max_len=_int(cfg, "glue_max_len", 8, optional=True),
         process_index=process_index,
         process_count=process_count,

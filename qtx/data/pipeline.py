@@ -19,7 +19,9 @@ padded rows have ``example_mask`` 0 (and zero ``attention_mask``/``weights``).
 
 Determinism: the training batch of step ``s`` is a function of ``(config.data.seed, s)``
 only, so ``train_iterator(start_step=s)`` resumes exactly. Shards of all processes
-concatenate to the global batch (image mixing of TFDS sources pairs rows within a shard).
+concatenate to the global batch (image mixing of TFDS sources pairs rows within a shard;
+with ``repeated_aug`` > 1, process k of p holds global rows k, k + p, ..., so the shards
+concatenate to a fixed permutation of it).
 
 ``config.data`` fields (all optional; defaults from ``qtx.data.config.DEFAULTS``):
 
@@ -45,7 +47,9 @@ local_dir         None                  folder like ../shared/data for ``*_local
                                         else $QTX_DATA_DIR, else ../shared/data or
                                         ../../shared/data (relative to the cwd).
 data_dir          None                  TFDS data dir (None: the TFDS default).
-text_files        None                  glob or list of globs for ``text_files``.
+text_files        None                  glob or list of globs for ``text_files``; when given,
+                                        they are mixed into any clm/mlm source (``wiki40b``
+                                        becomes ``wiki40b+text_files``: BookCorpus + Wikipedia).
 max_eval_batches  None                  cap on eval batches (None: the whole split).
 shuffle_buffer    10000                 block shuffle buffer of streamed text sources.
 image_size        None                  output H=W (None: native, 224 for ImageNet-family).
@@ -62,6 +66,12 @@ cutmix_alpha      0.0                   cutmix Beta alpha (DeiT: 1.0).
 mix_switch_prob   0.5                   chance of cutmix when both are on.
 label_smoothing   0.0                   (DeiT: 0.1), gives ``label_soft``.
 random_erase      0.0                   random erasing probability (DeiT: 0.25).
+randaugment       ''                    RandAugment spec, '' = off; 'rand-' + sections
+                                        m<magnitude> n<ops> mstd<std> mmax<max> inc<0|1>
+                                        p<prob> (DeiT: 'rand-m9-mstd0.5-inc1'; see
+                                        ``qtx.data.randaugment``).
+repeated_aug      1                     copies of each image per epoch, each augmented
+                                        independently; epochs keep N // B steps (DeiT: 3).
 glue_max_len      None                  GLUE row length (None: seq_len).
 ================= ===================== ==================================================
 

@@ -19,16 +19,26 @@ imagenet2012  TFDS ``imagenet2012`` (manual download)       train / validation
 Preprocessing. Train: random-resized crop to ``image_size`` when a crop scale applies
 (``crop_scale``; default (0.08, 1) for ImageNet-family, (0.35, 1) for CIFAR-10, none for
 digits/MNIST, which are only resized), horizontal flip (``hflip``; off for digits/MNIST),
-normalization with the dataset mean/std, random erasing (``random_erase``), then batch-level
+RandAugment (``randaugment``, e.g. DeiT's ``'rand-m9-mstd0.5-inc1'``; on the image rounded
+to [0, 255], see :mod:`qtx.data.randaugment`), normalization with the dataset mean/std,
+random erasing (``random_erase``), then batch-level
 mixup/cutmix (``mixup_alpha``, ``cutmix_alpha``, ``mix_switch_prob``) and label smoothing,
 which add ``label_soft`` (B,K). Eval/calibration: centered square crop of ``crop_pct`` of the
 shorter side (0.875 ImageNet-family, else 1.0) resized to ``image_size``, normalized.
 Grayscale sources give C=1, or C=3 (repeated) with ``channels=3``.
 
-In-memory sources (digits, mnist_local) use :mod:`qtx.data.augment` (NumPy); every random
-draw is seeded by ``(seed, step)`` at the global batch size, and the mixing partner of
-global row i is row B-1-i, so process shards concatenate to the global batch. TFDS sources
-use ``tf.image`` (see :mod:`qtx.data.vision_tfds`).
+Repeated augmentation (``repeated_aug`` r > 1, DeiT's RASampler with r = 3): each epoch's
+permutation is repeated r times per entry, so a batch holds r differently augmented copies
+of each image and an epoch of ``N // B`` steps sees about N / r distinct images; process k
+of p then keeps global rows ``k, k + p, ...`` instead of a block (see
+:mod:`qtx.data.batching`), so its shards concatenate to a fixed permutation of the global
+batch (the same multiset).
+
+In-memory sources (digits, mnist_local) use :mod:`qtx.data.augment` and
+:mod:`qtx.data.randaugment` (NumPy); every random draw is seeded by ``(seed, step)`` at the
+global batch size, and the mixing partner of global row i is row B-1-i, so process shards
+concatenate to the global batch. TFDS sources use ``tf.image`` (see
+:mod:`qtx.data.vision_tfds`).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from qtx.data import augment, batching
+from qtx.data import augment, batching, randaugment
 from qtx.data.base import Batch, Pipeline, local_rows
 from qtx.data.config import DataSpec, resolve_local_dir
 from qtx.errors import UserError
@@ -224,13 +234,15 @@ def build_image_pipeline(spec: DataSpec) -> Pipeline:
     train_x, train_y = images[: info.train_size], labels[: info.train_size]
     eval_x, eval_y = images[info.train_size :], labels[info.train_size :]
     n, H, W = len(train_x), images.shape[1], images.shape[2]
-    B, rows = spec.batch_size, local_rows(spec.batch_size, spec)
+    B, reps = spec.batch_size, spec.repeated_aug
+    mine = batching.shard_rows(B, spec.process_index, spec.process_count, reps > 1)
     steps = batching.steps_per_epoch(n, B, f"config.data.name={spec.name!r}")
     K, S = info.num_classes, st.size
     soft = spec.mixing or spec.label_smoothing > 0
+    ra, fill = randaugment.parse(spec.randaugment), randaugment.fill_colour(info.mean)
 
     def train_batch(step: int) -> Batch:
-        idx = batching.train_indices(n, B, spec.seed, step)
+        idx = batching.train_indices(n, B, spec.seed, step, reps)
         rng = batching.rng_for(spec.seed, batching.AUGMENT, step)
         if st.crop_scale is not None:
             boxes = augment.random_resized_crop_boxes(rng, B, H, W, st.crop_scale)
@@ -239,10 +251,13 @@ def build_image_pipeline(spec: DataSpec) -> Pipeline:
         flips = rng.random(B) < 0.5 if st.hflip else np.zeros(B, bool)
         erase = augment.erase_boxes(rng, B, S, S, spec.random_erase)
         mix = augment.draw_mix(rng, S, S, spec.mixup_alpha, spec.cutmix_alpha, spec.mix_switch_prob)
-        mine = np.arange(B)[rows]
         need = mine if mix is None else np.union1d(mine, B - 1 - mine)
         x = augment.crop_resize(_to_float(train_x[idx[need]]), boxes[need], S)
         x = np.where(flips[need][:, None, None, None], x[:, :, ::-1], x)
+        if ra is not None:
+            draw = randaugment.draw(batching.rng_for(spec.seed, batching.RANDAUG, step), B, ra)
+            x = randaugment.apply(randaugment.to_uint8_range(x), draw.rows(need), ra, fill)
+            x = x / np.float32(255.0)
         x = _finish(x, st)
         if spec.random_erase > 0:
 

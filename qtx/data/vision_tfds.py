@@ -6,10 +6,18 @@ Order: each epoch e reads the train split with file order and a shuffle buffer o
 ``(seed, e, i)``, so ``train_iterator(start_step=s)`` rebuilds epoch ``s // steps_per_epoch``
 and skips ``(s % steps_per_epoch) * B`` raw records (no decoding: cheap, at most one epoch).
 
+RandAugment (``randaugment``) runs after crop and flip on the rounded [0, 255] image, seeded
+by ``(seed, e, i)`` too (:mod:`qtx.data.randaugment_tf`). Repeated augmentation
+(``repeated_aug`` r > 1) repeats each shuffled record r times in a row before ``take``, so
+copies get different indices i, hence different augmentations, an epoch keeps its
+``N // B`` steps (about N / r distinct images) and a resume skips repeated records.
+
 Sharding: records stay encoded until each process keeps its rows ``[lo, hi)`` of every
-global batch, so only local images are decoded. Mixup/cutmix run in NumPy on the local
-batch, seeded by ``(seed, step, process_index)``, pairing row i with the reversed local
-batch (as timm does per device): with mixing on, shards differ from a single-process batch.
+global batch (rows ``k, k + p, ...`` of process k of p with repeated augmentation, as
+:func:`qtx.data.batching.shard_rows`), so only local images are decoded. Mixup/cutmix run
+in NumPy on the local batch, seeded by ``(seed, step, process_index)``, pairing row i with
+the reversed local batch (as timm does per device): with mixing on, shards differ from a
+single-process batch.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from qtx.data import augment, batching, tfds_sources
+from qtx.data import augment, batching, randaugment, randaugment_tf, tfds_sources
 from qtx.data.base import Batch, Pipeline, local_rows
 from qtx.data.config import DataSpec
 
@@ -41,10 +49,11 @@ def _finish(tf, img, st):
     return (img - tf.constant(st.mean)) / tf.constant(st.std)
 
 
-def _train_image(tf, raw, seed, st, info, erase_p: float):
-    """Decode + random-resized crop + flip + normalize + random erase of one example."""
+def _train_image(tf, raw, seed, st, info, erase_p: float, ra=None, fill=None):
+    """Decode + random-resized crop + flip + RandAugment (``ra``, a
+    :class:`~qtx.data.randaugment.RandAugmentSpec` or None) + normalize + random erase."""
     img = _decode(tf, raw, info.channels)
-    seeds = [tf.stack([seed[0] + k, seed[1]]) for k in range(4)]
+    seeds = [tf.stack([seed[0] + k, seed[1]]) for k in range(5)]
     if st.crop_scale is not None:
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.shape(img),
@@ -56,9 +65,13 @@ def _train_image(tf, raw, seed, st, info, erase_p: float):
             use_image_if_no_bounding_boxes=True,
         )
         img = tf.slice(img, begin, size)
+        img.set_shape([None, None, info.channels])  # the slice loses the static channels
     img = tf.image.resize(img, (st.size, st.size), method="bilinear", antialias=True)
     if st.hflip:
         img = tf.image.stateless_random_flip_left_right(img, seed=seeds[1])
+    if ra is not None:  # seeds[4] and (seed[0] + 5, seed[1])
+        img = tf.round(tf.clip_by_value(img, 0.0, 1.0) * 255.0)
+        img = randaugment_tf.compiled(tf, ra, img.shape, fill)(img, seeds[4]) / 255.0
     img = _finish(tf, img, st)
     if erase_p > 0:
         img = _erase(tf, img, seeds[2], seeds[3], erase_p, st)
@@ -111,20 +124,28 @@ def build_tfds_image_pipeline(spec: DataSpec, info, st) -> Pipeline:
     steps = batching.steps_per_epoch(n_train, B, f"config.data.name={spec.name!r}")
     skip = {"image": tfds.decode.SkipDecoding()}
     auto = tf.data.AUTOTUNE
+    ra, reps = randaugment.parse(spec.randaugment), spec.repeated_aug
+    fill = randaugment.fill_colour(info.mean)
 
     def keep_rows(global_batch: int, sl: slice):
         return lambda i, ex: (i % global_batch >= sl.start) & (i % global_batch < sl.stop)
+
+    def keep_strided(i, ex):
+        return (i % B) % spec.process_count == spec.process_index
 
     def epoch_dataset(epoch: int, offset: int):
         seed = _seed_pair(spec.seed, epoch)
         ds = tfds_sources.load_split(name, train_split, shuffle_seed=seed, decoders=skip, **kw)
         ds = ds.shuffle(spec.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        if reps > 1:
+            ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(reps))
         ds = ds.take(steps * B).enumerate().skip(offset)
-        ds = ds.filter(keep_rows(B, rows))
+        ds = ds.filter(keep_strided if reps > 1 else keep_rows(B, rows))
 
+        @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python control flow
         def prep(i, ex):
             s = tf.stack([tf.constant(_seed_pair(spec.seed, epoch, 7), tf.int64), i])
-            img = _train_image(tf, ex["image"], s, st, info, spec.random_erase)
+            img = _train_image(tf, ex["image"], s, st, info, spec.random_erase, ra, fill)
             return {"image": img, "label": tf.cast(ex["label"], tf.int32)}
 
         ds = ds.map(prep, num_parallel_calls=auto, deterministic=True)

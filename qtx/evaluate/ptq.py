@@ -49,9 +49,12 @@ def evaluate_setup(
     calib: Sequence[dict],
     run: Callable,
     options: dict | None = None,
+    calibration: str = "sequential",
 ) -> tuple[dict, quant.MatchReport]:
-    """Calibrates ``setup`` and returns ``(run(model, variables), match report)``."""
-    plan = quant.QuantPlan(quant.setup_rules(setup, **dict(options or {})), mode="quantize")
+    """Calibrates ``setup`` (``sequential`` or ``parallel``, see :class:`qtx.quant.QuantPlan`)
+    and returns ``(run(model, variables), match report)``."""
+    rules = quant.setup_rules(setup, **dict(options or {}))
+    plan = quant.QuantPlan(rules, mode="quantize", calibration=calibration)
     variables = calibrate_setup(cfg, plan, params, calib)
     model = build(cfg, plan)
     points = quant.list_points(model.apply, variables, **dummy_inputs(cfg))

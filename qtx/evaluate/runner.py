@@ -81,7 +81,8 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
 
 def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     exp, mesh, pipe = prepare(config)
-    cfg, ev, task = exp.model, exp.eval, exp.task
+    ev, task = exp.eval, exp.task
+    cfg = exp.model.replace(dtype=ev["dtype"]) if ev["dtype"] else exp.model
     step, params, extra = load_variables(exp, workdir, hf_checkpoint, mesh)
     to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
     metric = _metric_name(task)
@@ -118,7 +119,9 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     ]
     host_params = fetch(params)
     for name, setup in exp.eval_setups().items():
-        r, report = evaluate_setup(cfg, setup, host_params, calib, run, ev["options"])
+        r, report = evaluate_setup(
+            cfg, setup, host_params, calib, run, ev["options"], ev["calibration"]
+        )
         results["quantized"][name] = {
             metric: r[metric],
             "loss": r["loss"],

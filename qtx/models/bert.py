@@ -44,7 +44,7 @@ class BertEmbeddings(nn.Module):
         self.position = Embed(c.max_positions, c.hidden_size, p, init, c.compute_dtype)
         self.token_type = Embed(c.type_vocab_size, c.hidden_size, p, init, c.compute_dtype)
         self.sum = QuantPoint(p)
-        self.ln = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype)
+        self.ln = LayerNorm(p, c.ln_eps)
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, input_ids, token_type_ids, deterministic=True):
@@ -153,7 +153,7 @@ class MLMHead(nn.Module):
         init = nn.initializers.normal(c.init_std)
         h = Dense(c.hidden_size, p, True, init, c.compute_dtype, name="transform")(h)
         h = QuantPoint(p, name="act")(ACTIVATIONS[c.activation](h))
-        h = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype, name="ln")(h)
+        h = LayerNorm(p, c.ln_eps, name="ln")(h)
         logits = attend(h)
         logits = logits + self.param("bias", nn.initializers.zeros, (c.vocab_size,))
         return QuantPoint(p, name="logits")(logits.astype(jnp.float32))

@@ -20,6 +20,11 @@ HEADS = {
     "vit": ("classification", "none"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Attention projections that take PyTorch's default Linear init instead of N(0, init_std): the
+# reference code builds its attention modules after the model, so they keep that init.
+ATTENTION_PROJ_INITS = {"normal": "", "pytorch_qkv": "qkv", "pytorch_qkvo": "qkvo"}
+# Gate weight std in fine-tuning mode when unset (the reference: BERT 0.01, OPT 0.001).
+FINETUNE_GATE_STD = {"opt": 0.001}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ModelConfig:
     fused_qkv: bool = False
     use_bias: bool = True
     init_std: float = 0.02
+    attention_proj_init: str = "normal"
     attention: AttentionConfig = AttentionConfig()
     pad_token_id: int = 0
     position_offset: int = 0
@@ -72,6 +78,8 @@ class ModelConfig:
             bad("activation", ", ".join(ACTIVATIONS))
         if self.dtype not in DTYPES:
             bad("dtype", ", ".join(DTYPES))
+        if self.attention_proj_init not in ATTENTION_PROJ_INITS:
+            bad("attention_proj_init", ", ".join(ATTENTION_PROJ_INITS))
         for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
             if int(getattr(self, f)) < 1:
                 bad(f, "a positive integer")
@@ -96,6 +104,10 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def block(self, **overrides) -> BlockConfig:
+        attention = self.attention
+        if attention.gate_finetune and attention.gate_init_std is None:
+            std = FINETUNE_GATE_STD.get(self.family, 0.01)
+            attention = dataclasses.replace(attention, gate_init_std=std)
         return BlockConfig(
             hidden_size=self.hidden_size,
             num_heads=self.num_heads,
@@ -109,9 +121,10 @@ class ModelConfig:
             fused_qkv=self.fused_qkv,
             use_bias=self.use_bias,
             init_std=self.init_std,
-            attention=self.attention,
+            attention=attention,
             dtype=self.compute_dtype,
             causal=self.family == "opt",
+            attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
             **overrides,
         )
 

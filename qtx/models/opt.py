@@ -117,7 +117,7 @@ class OPT(nn.Module):
             output_hidden_states,
         )
         if c.final_ln:
-            h = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype, name="final_ln")(h)
+            h = LayerNorm(p, c.ln_eps, name="final_ln")(h)
         width = c.word_embed_proj_dim or c.hidden_size
         if width != c.hidden_size:
             h = _projection(c, p, width, name="project_out")(h)

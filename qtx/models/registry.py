@@ -114,6 +114,26 @@ SIZES: dict[str, dict[str, Any]] = {
         final_ln=False,
     ),
     "opt-1.3b": dict(_OPT, hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192),
+    # Quantizable Transformers' OPT-350m / 1.3B: the reference code builds them from HF's default
+    # OPTConfig (pre-LN, final LN, word_embed_proj_dim 768) with its yaml overrides.
+    "opt-350m-qt": dict(
+        _OPT,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        word_embed_proj_dim=768,
+        max_positions=1024,
+    ),
+    "opt-1.3b-qt": dict(
+        _OPT,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=32,
+        intermediate_size=8192,
+        word_embed_proj_dim=768,
+        max_positions=1024,
+    ),
     "opt-tiny": dict(_OPT, **_TINY_TEXT),
     "vit-s16": _VIT,
     "vit-b16": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),

@@ -80,7 +80,7 @@ class ViT(nn.Module):
         h, states = run_layers(
             c.block(), p, c.num_layers, h, None, None, deterministic, c.remat, output_hidden_states
         )
-        h = LayerNorm(p, c.ln_eps, dtype=c.compute_dtype, name="final_ln")(h)
+        h = LayerNorm(p, c.ln_eps, name="final_ln")(h)
         out = {"last_hidden_state": h}
         if output_hidden_states:
             out["hidden_states"] = states

@@ -10,15 +10,21 @@ Softmax variants (:class:`AttentionConfig.softmax`):
 Gates multiply each head's output before the output projection:
 ``out_h(t) = pi_h(t) * (softmax(q k^T / sqrt(d)) v)_h(t)`` with ``pi = sigmoid(G(x))``:
 
-* ``linear``: per head, ``Linear(d_head -> 1)`` on the head's slice of x; bias ``logit(pi_init)``;
+* ``linear``: per head, ``Linear(d_head -> 1)`` on the head's slice of x;
 * ``mlp`` / ``mlp_wide``: per head, ``d_head -> d_head/4`` (or ``d_head``) ``-> 1`` with ReLU;
 * ``all_heads_linear``: ``Linear(d_model -> n_heads)`` on the full x;
+* initialisation, as the reference code: weights and biases take PyTorch's default Linear init
+  (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) unless ``gate_init_std`` is set (weights
+  ``N(0, gate_init_std)``, hidden biases 0); the output bias is ``logit(pi_init)`` when
+  ``pi_init`` is set (the papers' recipes set it for the per-head linear gate only);
 * ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over the
   real tokens: one gate per head and sequence; in causal models (OPT) a running mean over
   positions <= t, so no gate sees a later token) or ``none`` (one learned scalar per head,
   initialised to 0, or to ``logit(pi_init)`` in fine-tuning mode);
-* ``gate_finetune``: the gate is divided by ``pi_init`` and gate weights start at
-  ``gate_init_std`` (near 0), so a pretrained model starts unchanged.
+* ``gate_finetune``: the gate is divided by ``pi_init`` (required) and gate weights start at
+  ``N(0, gate_init_std)`` (the model family's default when unset: 0.01, OPT 0.001) with the
+  output bias ``logit(pi_init)``, for every gate type, so a pretrained model starts unchanged
+  (the reference code does this for the linear gate only).
 
 Points (``head_axis`` in brackets): ``q``, ``k``, ``v``, ``context`` (B, T, H, Dh) [2];
 ``scores`` (after the ``1/sqrt(d)`` scaling, before the mask) and ``softmax`` (B, H, T, S) [1];
@@ -55,9 +61,9 @@ class AttentionConfig:
     softmax_T: int | None = None
     gate: str = "none"
     gate_condition: str = "token"
-    pi_init: float = 0.5
+    pi_init: float | None = None
     gate_finetune: bool = False
-    gate_init_std: float = 0.02
+    gate_init_std: float | None = None
 
     def __post_init__(self):
         def bad(field, value, allowed):
@@ -71,8 +77,12 @@ class AttentionConfig:
             bad("gate", self.gate, ", ".join(GATES))
         if self.gate_condition not in GATE_CONDITIONS:
             bad("gate_condition", self.gate_condition, ", ".join(GATE_CONDITIONS))
-        if not 0.0 < self.pi_init < 1.0:
-            bad("pi_init", self.pi_init, "a number in (0, 1)")
+        if self.pi_init is not None and not 0.0 < self.pi_init < 1.0:
+            bad("pi_init", self.pi_init, "a number in (0, 1) or None")
+        if self.gate_finetune and self.pi_init is None:
+            bad("pi_init", self.pi_init, "a number in (0, 1) when gate_finetune=True")
+        if self.gate_init_std is not None and self.gate_init_std < 0:
+            bad("gate_init_std", self.gate_init_std, "a number >= 0 or None")
         if self.softmax == "clipped":
             if self.alpha is not None and self.alpha <= 0:
                 bad("alpha", self.alpha, "a positive number or None")
@@ -131,29 +141,33 @@ class Gate(nn.Module):
         cfg, h = self.cfg, self.num_heads
         b, t, d = x.shape
         dh = d // h
-        bias0 = math.log(cfg.pi_init / (1.0 - cfg.pi_init))
-        w_init = nn.initializers.normal(cfg.gate_init_std)
-        bias_init = nn.initializers.constant(bias0)
         xf = x.astype(jnp.float32)
         if cfg.gate_condition == "none":
             # initialised to 0, or to logit(pi_init) in fine-tuning mode (gate starts at 1)
-            init0 = bias_init if cfg.gate_finetune else nn.initializers.zeros
+            init0 = self._out_bias_init(1) if cfg.gate_finetune else nn.initializers.zeros
             logits = self.param("logit", init0, (h,))[None, None, :]
         elif cfg.gate == "all_heads_linear":
-            logits = Dense(h, self.plan, kernel_init=w_init, bias_init=bias_init, name="dense")(xf)
+            logits = Dense(
+                h,
+                self.plan,
+                kernel_init=self._weight_init(d),
+                bias_init=self._out_bias_init(d),
+                name="dense",
+            )(xf)
         else:
             xh = xf.reshape(b, t, h, dh)
             if cfg.gate == "linear":
-                w = self.param("kernel", w_init, (h, dh))
+                w = self.param("kernel", self._weight_init(dh), (h, dh))
                 logits = jnp.einsum("bthd,hd->bth", xh, w)
-                logits = logits + self.param("bias", bias_init, (h,))
+                logits = logits + self.param("bias", self._out_bias_init(dh), (h,))
             else:
                 hidden = dh if cfg.gate == "mlp_wide" else max(dh // 4, 1)
-                w1 = self.param("hidden_kernel", w_init, (h, dh, hidden))
-                b1 = self.param("hidden_bias", nn.initializers.zeros, (h, hidden))
+                w1 = self.param("hidden_kernel", self._weight_init(dh), (h, dh, hidden))
+                b1 = self.param("hidden_bias", self._hidden_bias_init(dh), (h, hidden))
                 z = jax.nn.relu(jnp.einsum("bthd,hdk->bthk", xh, w1) + b1)
-                w2 = self.param("out_kernel", w_init, (h, hidden))
-                logits = jnp.einsum("bthk,hk->bth", z, w2) + self.param("bias", bias_init, (h,))
+                w2 = self.param("out_kernel", self._weight_init(hidden), (h, hidden))
+                b2 = self.param("bias", self._out_bias_init(hidden), (h,))
+                logits = jnp.einsum("bthk,hk->bth", z, w2) + b2
         if cfg.gate_condition == "head":
             m = jnp.ones((b, t, 1)) if mask is None else mask.astype(jnp.float32)[..., None]
             if self.causal:
@@ -163,6 +177,32 @@ class Gate(nn.Module):
             logits = num / jnp.maximum(den, 1.0)
         pi = jax.nn.sigmoid(logits)
         return pi / cfg.pi_init if cfg.gate_finetune else pi
+
+    def _weight_init(self, fan_in: int):
+        std = self.cfg.gate_init_std
+        if std is None and self.cfg.gate_finetune:
+            std = 0.01
+        return torch_linear_init(fan_in) if std is None else nn.initializers.normal(std)
+
+    def _hidden_bias_init(self, fan_in: int):
+        if self.cfg.gate_init_std is None and not self.cfg.gate_finetune:
+            return torch_linear_init(fan_in)
+        return nn.initializers.zeros
+
+    def _out_bias_init(self, fan_in: int):
+        pi = self.cfg.pi_init
+        if pi is None:
+            return torch_linear_init(fan_in)
+        return nn.initializers.constant(math.log(pi / (1.0 - pi)))
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default ``nn.Linear`` init of weights and biases: ``U(-1/sqrt(fan_in),
+    1/sqrt(fan_in))`` (std ``1/sqrt(3 fan_in)``)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -182,6 +222,7 @@ class MultiHeadAttention(nn.Module):
     out_init_std: float | None = None
     dtype: Any = jnp.float32
     causal: bool = False  # only gates need it (their per-head pooling); ``mask`` is causal
+    torch_init: str = ""  # projections (letters of "qkvo") with PyTorch's default Linear init
 
     @nn.compact
     def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True):
@@ -191,9 +232,14 @@ class MultiHeadAttention(nn.Module):
             raise UserError(f"hidden_size={d} is not divisible by num_heads={h}.")
         dh = d // h
         p = self.plan
-        dense = lambda n, f, std=None: Dense(  # noqa: E731
-            f, p, self.use_bias, nn.initializers.normal(std or self.init_std), self.dtype, name=n
-        )
+
+        def dense(name, features, std=None):
+            if name[0] in self.torch_init:  # PyTorch's default Linear init, weight and bias
+                init = torch_linear_init(d)
+                return Dense(features, p, self.use_bias, init, self.dtype, init, name=name)
+            init = nn.initializers.normal(std or self.init_std)
+            return Dense(features, p, self.use_bias, init, self.dtype, name=name)
+
         if self.fused_qkv:
             q, k, v = jnp.split(dense("qkv_proj", 3 * d)(x), 3, axis=-1)
         else:

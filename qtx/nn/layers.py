@@ -2,8 +2,9 @@
 
 Every layer quantizes its weight through a :class:`~qtx.quant.QuantPoint` named ``weight``
 (so ``layer_3/ffn/fc1/weight``); LayerNorm also owns the point ``out`` on its output. Biases
-and LayerNorm's beta are never quantized. Parameters are float32 (``param_dtype``); matmuls
-run in ``dtype`` (bfloat16 for mixed precision); LayerNorm statistics are always float32.
+and LayerNorm's beta are never quantized. Parameters are float32; matmuls run in ``dtype``
+(bfloat16 for mixed precision). Embedding lookups, patch embeddings and LayerNorm return
+float32, so the residual stream stays float32 in mixed precision (as PyTorch AMP keeps it).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Embed(nn.Module):
         self.weight = QuantPoint(self.plan, "weight", channel_axis=0)
 
     def __call__(self, ids):
-        return jnp.take(self.weight(self.embedding), ids, axis=0).astype(self.dtype)
+        """Rows of the (quantized) table, float32 (B, T, features)."""
+        return jnp.take(self.weight(self.embedding), ids, axis=0)
 
     def attend(self, x):
         """``x @ E^T`` with the full-precision table (tied LM heads stay unquantized)."""
@@ -66,7 +68,7 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """``y = gamma * (x - mu) / sqrt(var + eps) + beta`` in float32; points ``weight``, ``out``.
+    """``y = gamma * (x - mu) / sqrt(var + eps) + beta``, float32; points ``weight``, ``out``.
 
     ``non_scaling=True`` is Outlier Suppression's non-scaling LayerNorm: the output is
     ``(x - mu) / sqrt(var + eps) + beta`` (the stored beta is then beta / gamma) and gamma is
@@ -76,7 +78,6 @@ class LayerNorm(nn.Module):
     plan: QuantPlan = QuantPlan()
     eps: float = 1e-5
     non_scaling: bool = False
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -89,8 +90,7 @@ class LayerNorm(nn.Module):
         y = (xf - mu) * jnp.reciprocal(jnp.sqrt(var + self.eps))
         if not self.non_scaling:
             y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
-        y = (y + bias).astype(self.dtype)
-        return QuantPoint(self.plan, name="out")(y)
+        return QuantPoint(self.plan, name="out")(y + bias)
 
 
 class PatchEmbed(nn.Module):
@@ -117,4 +117,4 @@ class PatchEmbed(nn.Module):
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
         y = jnp.dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))
-        return y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y.astype(jnp.float32) + self.param("bias", nn.initializers.zeros, (self.features,))

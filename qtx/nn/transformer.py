@@ -54,6 +54,7 @@ class BlockConfig:
     attention: AttentionConfig = AttentionConfig()
     dtype: Any = jnp.float32
     causal: bool = False  # a decoder: position t sees positions <= t only
+    attn_torch_init: str = ""  # attention projections ("qkvo" letters) with PyTorch's init
 
 
 class FFN(nn.Module):
@@ -102,11 +103,12 @@ class TransformerLayer(nn.Module):
             out_init_std=c.out_init_std,
             dtype=c.dtype,
             causal=c.causal,
+            torch_init=c.attn_torch_init,
             name="attn",
         )
         ffn = FFN(c, p, name="ffn")
-        attn_ln = LayerNorm(p, c.ln_eps, dtype=c.dtype, name="attn_ln")
-        ffn_ln = LayerNorm(p, c.ln_eps, dtype=c.dtype, name="ffn_ln")
+        attn_ln = LayerNorm(p, c.ln_eps, name="attn_ln")
+        ffn_ln = LayerNorm(p, c.ln_eps, name="ffn_ln")
 
         def branch(y):
             y = nn.Dropout(c.dropout)(y, deterministic=deterministic or c.dropout == 0)

@@ -43,10 +43,16 @@ def _restore(r, x, view: View):
 
 
 def percentile(x, view: View, spec: QuantSpec):
-    """``(P_{100-p}(x), P_p(x))`` with linear interpolation, as ``numpy.percentile``."""
+    """``(P_{100-p}(x), P_p(x))``, or with ``percentile_of='abs'`` ``t = P_p(|x|)`` and
+    ``(max(min x, -t), min(max x, t))``; linear interpolation, as ``numpy.percentile``."""
     flat = _flatten_reduced(x, view)
-    lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
-    hi = jnp.percentile(flat, spec.percentile, axis=-1)
+    if spec.percentile_of == "abs":
+        t = jnp.percentile(jnp.abs(flat), spec.percentile, axis=-1)
+        lo = jnp.maximum(jnp.min(flat, axis=-1), -t)
+        hi = jnp.minimum(jnp.max(flat, axis=-1), t)
+    else:
+        lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
+        hi = jnp.percentile(flat, spec.percentile, axis=-1)
     return _restore(lo, x, view), _restore(hi, x, view)
 
 

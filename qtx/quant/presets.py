@@ -8,7 +8,9 @@ Presets:
 * ``w8a8_all`` (Quantizable Transformers): per-tensor everything. Weights symmetric on
   ``[-128, 127]`` (``current_minmax``, or ``mse`` for OPT); every activation asymmetric on
   ``[0, 255]``, running min-max with momentum 0.9 (or the 99.999 percentile). Gates, the LM
-  head and the final logits stay in full precision.
+  head and the final logits stay in full precision, and so does the fc1 output before the
+  activation (``ffn/hidden``): the reference fuses fc1 with the activation and quantizes only
+  after it (``ffn_hidden=True`` quantizes it too).
 * ``os_fastertransformer`` (Outlier Suppression): W-E-A bits; weights symmetric per output
   channel, embeddings at E bits; activations asymmetric per tensor at the FasterTransformer
   positions only (embedding LN, Q/K/V, softmax, context, attention LN, GELU, FFN LN, pooler
@@ -28,7 +30,7 @@ import re
 from collections.abc import Mapping
 
 from qtx.errors import UserError
-from qtx.quant.rules import QuantPlan, rule, rule_from_dict
+from qtx.quant.rules import CALIBRATIONS, QuantPlan, rule, rule_from_dict
 
 _EXCLUDE_HEADS = r"(^|/)(lm_head|mlm_head)/|(^|/)logits$|/logits$"
 _LN_WEIGHT = r"(^|/)(\w+_)?ln/weight$"
@@ -54,9 +56,16 @@ def w8a8_all(
     act_estimator="running_minmax",
     momentum=0.9,
     percentile=99.999,
+    ffn_hidden=False,
 ):
-    """Quantizable Transformers' W8A8: every activation, per tensor (see module docstring)."""
+    """Quantizable Transformers' W8A8: every activation, per tensor (see module docstring).
+
+    ``ffn_hidden``: also quantize the fc1 output before the activation (the reference does not).
+    """
     e = w if e is None else e
+    fused = ()
+    if not ffn_hidden:
+        fused = (rule(r"(^|/)ffn/hidden$", "act", "fc1 output (fused with act)", off=True),)
     act = dict(
         bits=a,
         scheme="asymmetric",
@@ -67,6 +76,7 @@ def w8a8_all(
     return (
         rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
         rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
+        *fused,
         rule(
             r"(^|/)embed/",
             "weight",
@@ -94,9 +104,19 @@ OS_ACT_POINTS = (
 
 
 def os_fastertransformer(
-    w=8, a=8, e=None, act_estimator="minmax", accumulate="mean", percentile=99.999
+    w=8,
+    a=8,
+    e=None,
+    act_estimator="minmax",
+    accumulate="mean",
+    percentile=99.999,
+    percentile_of="abs",
 ):
-    """Outlier Suppression's FasterTransformer placement at W-E-A bits."""
+    """Outlier Suppression's FasterTransformer placement at W-E-A bits.
+
+    With ``act_estimator='percentile'`` the range is the paper's 99.999 % of ``|x|``
+    (``percentile_of='abs'``); ``percentile_of='x'`` takes signed 0.001 / 99.999 percentiles.
+    """
     e = w if e is None else e
     act = dict(
         bits=a,
@@ -104,6 +124,7 @@ def os_fastertransformer(
         estimator=act_estimator,
         accumulate=accumulate,
         percentile=percentile,
+        percentile_of=percentile_of,
     )
     return (
         rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
@@ -235,13 +256,20 @@ def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
     options: {...}          # keyword options of the preset
     rules: [{pattern, kind, off, <QuantSpec fields>}, ...]  # before the preset's rules
     mode: 'off' | 'calibrate' | 'quantize' | 'learn'
+    calibration: 'sequential' | 'parallel'   # see QuantPlan (default: sequential)
     track: [patterns]       # points whose outlier statistics are sown
     """
     cfg = dict(cfg or {})
-    known = {"preset", "bits", "options", "rules", "mode", "track"}
+    known = {"preset", "bits", "options", "rules", "mode", "calibration", "track"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise UserError(f"config.quant has unknown field(s) {unknown}; allowed: {sorted(known)}.")
+    calibration = cfg.get("calibration") or "sequential"
+    if calibration not in CALIBRATIONS:
+        raise UserError(
+            f"config.quant.calibration={calibration!r} is invalid; allowed: "
+            f"{', '.join(CALIBRATIONS)}."
+        )
     extra = tuple(rule_from_dict(r) for r in (cfg.get("rules") or ()))
     preset = cfg.get("preset") or "none"
     if cfg.get("bits"):
@@ -253,4 +281,5 @@ def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
         rules=extra + tuple(base),
         mode=mode or cfg.get("mode") or "off",
         track=tuple(cfg.get("track") or ()),
+        calibration=calibration,
     )

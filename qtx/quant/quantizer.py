@@ -5,9 +5,11 @@ A :class:`QuantPoint` is placed wherever a paper quantizes. Its name is its modu
 a mode:
 
 * ``off``: identity;
-* ``calibrate``: identity, while the batch range is accumulated into the ``quant_stats``
-  collection (``lo``, ``hi``, ``count``, ``nonfinite``; learnable points also store the
-  ``learn_step``/``learn_offset`` their range implies). Use ``mutable=['quant_stats']``;
+* ``calibrate``: the batch range is accumulated into the ``quant_stats`` collection (``lo``,
+  ``hi``, ``count``, ``nonfinite``; learnable points also store the ``learn_step`` /
+  ``learn_offset`` their range implies). Use ``mutable=['quant_stats']``. The output is the
+  input fake-quantized with the range accumulated so far (the plan's ``calibration`` is
+  ``sequential``, the reference code's way) or the input unchanged (``parallel``);
 * ``quantize``: fake quant with frozen ranges (from ``quant_stats``, or recomputed each call
   for dynamic estimators); learnable points use their parameters with stopped gradients;
 * ``learn``: as ``quantize``, but LSQ/LSQ+ steps and offsets in ``params`` get gradients.
@@ -74,10 +76,12 @@ class QuantPoint(nn.Module):
     def _quantize(self, x, spec: QuantSpec, mode: str, name: str):
         view = make_view(x.shape, spec, self.channel_axis, self.head_axis, name)
         xv = to_view(x, view).astype(jnp.float32)
+        sequential = self.plan.calibration == "sequential"
         if spec.bits == 1:
             if mode == "calibrate":
                 self._count_nonfinite(xv)
-                return x
+                if not sequential or self.is_initializing():
+                    return x
             alpha = jax.lax.stop_gradient(reduce(jnp.mean, jnp.abs(xv), view))
             return from_view(binary_quant(xv, alpha), view).astype(x.dtype)
 
@@ -86,8 +90,11 @@ class QuantPoint(nn.Module):
         if learn:
             scale, offset = self._learnable_params(xv, view, spec)
         if mode == "calibrate":
-            self._calibrate(xv, view, spec)
-            return x
+            lo, hi = self._calibrate(xv, view, spec)
+            if not sequential or lo is None:
+                return x
+            y = fake_quant_range(xv, *jax.lax.stop_gradient((lo, hi)), spec)
+            return from_view(y, view).astype(x.dtype)
 
         if learn:
             scale = jnp.maximum(scale, spec.min_scale)
@@ -127,9 +134,12 @@ class QuantPoint(nn.Module):
         bad.value = bad.value + jnp.any(~jnp.isfinite(xv)).astype(jnp.int32)
 
     def _calibrate(self, xv, view, spec):
+        """Accumulates the batch range; returns the range so far (None while initialising)."""
         self._count_nonfinite(xv)
-        if self.is_initializing() or spec.dynamic:
-            return
+        if self.is_initializing():
+            return None, None
+        if spec.dynamic:
+            return estimators.estimate(xv, view, spec)
         lo_b, hi_b = estimators.estimate(xv, view, spec)
         count = self.variable(STATS, "count", lambda: jnp.zeros((), jnp.int32))
         lo = self.variable(STATS, "lo", lambda: jnp.zeros(lo_b.shape, jnp.float32))
@@ -143,6 +153,7 @@ class QuantPoint(nn.Module):
             self.put_variable(STATS, "learn_step", s)
             if spec.learn == "lsq+":
                 self.put_variable(STATS, "learn_offset", off)
+        return lo.value, hi.value
 
 
 def list_points(apply_fn, variables, *args, **kwargs) -> dict[str, tuple[str, tuple]]:

@@ -52,18 +52,33 @@ class QuantRule:
         return (self.kind in ("any", kind)) and re.search(self.pattern, point) is not None
 
 
+CALIBRATIONS = ("sequential", "parallel")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantPlan:
     """The ordered rules of a model, its default mode and the points whose statistics are
-    tracked (patterns; tracked points sow outlier statistics into ``intermediates``)."""
+    tracked (patterns; tracked points sow outlier statistics into ``intermediates``).
+
+    ``calibration``: in ``calibrate`` mode, ``sequential`` points pass on their input fake-
+    quantized with the range accumulated so far, so later points calibrate on the outputs of
+    quantized earlier ones (the reference code's range estimation); ``parallel`` points pass
+    it on unchanged, so every range is estimated on the full-precision model.
+    """
 
     rules: tuple[QuantRule, ...] = ()
     mode: str = "off"
     track: tuple[str, ...] = ()
+    calibration: str = "sequential"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"quant plan mode={self.mode!r} is invalid; allowed: {MODES}.")
+        if self.calibration not in CALIBRATIONS:
+            raise UserError(
+                f"quantization calibration={self.calibration!r} is invalid; allowed: "
+                f"{', '.join(CALIBRATIONS)}."
+            )
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "track", tuple(self.track))
 
@@ -87,6 +102,9 @@ class QuantPlan:
 
     def with_mode(self, mode: str) -> QuantPlan:
         return dataclasses.replace(self, mode=mode)
+
+    def with_calibration(self, calibration: str) -> QuantPlan:
+        return dataclasses.replace(self, calibration=calibration)
 
     def with_track(self, patterns) -> QuantPlan:
         return dataclasses.replace(self, track=tuple(patterns))

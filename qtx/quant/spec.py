@@ -18,7 +18,7 @@ ESTIMATORS = (
     "current_minmax",  # range of the current tensor, recomputed at every call (dynamic)
     "minmax",  # per-batch min/max, accumulated over calibration batches
     "running_minmax",  # per-batch min/max, EMA with `momentum`
-    "percentile",  # per-batch percentile `percentile` / 100 - `percentile`
+    "percentile",  # per-batch percentiles (`percentile_of`: of x, or of |x|)
     "mse",  # Lp-error search over shrunk ranges: grid or golden-section (`search`)
     "omse",  # golden-section search on the L2 error, lower and upper bound separately
     "mean_std",  # mean +- k_sigma * std
@@ -40,6 +40,7 @@ DEFAULT_ACCUMULATE = {
 LEARN = ("none", "lsq", "lsq+")
 GRAD_SCALES = ("lsq", "weight_l1", "act_qv", "none")
 SEARCHES = ("grid", "golden")
+PERCENTILE_OF = ("x", "abs")
 MODES = ("off", "calibrate", "quantize", "learn")
 KINDS = ("weight", "act")
 
@@ -64,7 +65,10 @@ class QuantSpec:
       accumulate: how per-batch ranges combine over calibration batches (``ema`` with
         ``momentum``, ``mean``, ``extreme`` min/max, ``last``); ``None`` = estimator default.
       momentum: EMA weight of the old value: ``new = m * old + (1 - m) * batch``.
-      percentile: upper percentile in (0, 100] for the ``percentile`` estimator.
+      percentile: upper percentile ``p`` in (0, 100] for the ``percentile`` estimator.
+      percentile_of: ``x``: the range is ``(P_{100-p}(x), P_p(x))``; ``abs``: ``t = P_p(|x|)``
+        and the range is ``(max(min x, -t), min(max x, t))`` (Outlier Suppression's
+        "99.999 % of |x|").
       num_candidates: ranges tried by the grid search; golden-section uses ``search_iters``.
       lp: exponent of the error the ``mse`` search minimises (2 = MSE).
       k_sigma: width of the ``mean_std`` range.
@@ -84,6 +88,7 @@ class QuantSpec:
     accumulate: str | None = None
     momentum: float = 0.9
     percentile: float = 99.999
+    percentile_of: str = "x"
     num_candidates: int = 100
     search: str = "grid"
     search_iters: int = 30
@@ -111,6 +116,8 @@ class QuantSpec:
             _fail("momentum", self.momentum, "a number in [0, 1)")
         if not 0.0 < self.percentile <= 100.0:
             _fail("percentile", self.percentile, "a number in (0, 100]")
+        if self.percentile_of not in PERCENTILE_OF:
+            _fail("percentile_of", self.percentile_of, ", ".join(PERCENTILE_OF))
         if self.num_candidates < 1:
             _fail("num_candidates", self.num_candidates, "an integer >= 1")
         if self.search not in SEARCHES:

@@ -27,7 +27,9 @@ from qtx.data.config import resolve_spec
 from qtx.errors import UserError
 from qtx.evaluate.outliers import track_patterns
 from qtx.models import ModelConfig, model_config
+from qtx.models.config import DTYPES
 from qtx.quant import QuantPlan, plan_from_config, setup_rules
+from qtx.quant.rules import CALIBRATIONS
 from qtx.train.losses import FAMILIES_OF_TASK, HEAD_OF_TASK, TASKS
 from qtx.train.mesh import AXES
 from qtx.train.optim import optim_settings
@@ -53,6 +55,8 @@ EVAL_DEFAULTS = dict(
     options={},  # preset options, e.g. {"weight_estimator": "mse"} for OPT
     calib_batches=16,
     calib_batch_size=32,
+    calibration="sequential",  # or 'parallel' (see qtx.quant.QuantPlan)
+    dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
     max_batches=None,
     figures=True,
 )
@@ -161,6 +165,16 @@ def load(config) -> Experiment:
             f"config.data.batch_size={batch}; allowed: a divisor of the batch size."
         )
     ev = _settings("eval", raw.get("eval"), EVAL_DEFAULTS)
+    if ev["dtype"] is not None and ev["dtype"] not in DTYPES:
+        raise UserError(
+            f"config.eval.dtype={ev['dtype']!r} is invalid; allowed: {', '.join(DTYPES)} or "
+            "None (the model's dtype)."
+        )
+    if ev["calibration"] not in CALIBRATIONS:
+        raise UserError(
+            f"config.eval.calibration={ev['calibration']!r} is invalid; allowed: "
+            f"{', '.join(CALIBRATIONS)}."
+        )
     exp = Experiment(
         task,
         model,
