@@ -1,6 +1,7 @@
-"""End to end: the README's tiny train + eval commands, offline, with every eval.json field
-finite (slow). The LM and GLUE runs are cut to fewer steps than the README's to keep the
-suite short; everything else is the command as documented."""
+"""End to end: the README's tiny train + eval commands, offline (slow). Checks eval.json's
+schema, that every number in it is finite, how many points each setup quantized, and that the
+quantized metrics differ from full precision while W8A8 stays close. The runs are cut to fewer
+steps than the README's to keep the suite short; everything else is the command as documented."""
 
 import json
 import math
@@ -39,6 +40,55 @@ NEEDS_GLUE = pytest.mark.skipif(
 )
 
 
+# config -> {setup: (quantized points, all points)} of the setups its tiny eval runs. W8A8
+# keeps the LM / MLM head, the logits and each layer's fc1 output in full precision; OS's
+# placement quantizes the weights (not the LayerNorm's) and its FasterTransformer activations.
+POINTS = {
+    "opt125m_gated": {"W8A8": (47, 50)},
+    "bert_base_gated": {"W8A8": (51, 58)},
+    "vit_s16_gated": {"W8A8": (49, 52)},
+    "bert_base_glue": {"W8A8": (137, 144), "os_fastertransformer:W6A6E6": (93, 144)},
+}
+
+
+def check_schema(res, metric, config, workdir):
+    """eval.json: ``{"step": int, "fp": {metric, "loss", "max_inf_norm", "avg_kurtosis",
+    "headline_inf_norm", "per_layer": {tensor: {"inf_norm", "kurtosis"}}}, "quantized":
+    {setup: {metric, "loss", "points": {"quantized", "total", "unmatched", "unused_rules"}}},
+    "figures": [outliers.png, attention_mass.png]}``."""
+    assert set(res) == {"step", "fp", "quantized", "figures"}
+    assert type(res["step"]) is int and res["step"] > 0
+    fp = res["fp"]
+    stats = {"max_inf_norm", "avg_kurtosis", "headline_inf_norm"}
+    assert set(fp) == {metric, "loss", "per_layer"} | stats
+    assert all(type(fp[k]) is float for k in stats | {metric, "loss"})
+    per = fp["per_layer"]
+    assert per and all(set(v) == {"inf_norm", "kurtosis"} for v in per.values())
+    assert all(type(x) is float for v in per.values() for x in v.values())
+    # max over the tracked tensors of their mean inf norm; avg kurtosis lies among theirs
+    assert fp["max_inf_norm"] == max(v["inf_norm"] for v in per.values())
+    assert fp["headline_inf_norm"] <= fp["max_inf_norm"]
+    kurt = [v["kurtosis"] for v in per.values()]
+    assert min(kurt) <= fp["avg_kurtosis"] <= max(kurt)
+    assert set(res["quantized"]) == set(POINTS[config])
+    for name, r in res["quantized"].items():
+        assert set(r) == {metric, "loss", "points"}, name
+        assert type(r[metric]) is float and type(r["loss"]) is float
+        quantized, total = POINTS[config][name]
+        assert r["points"] == {
+            "quantized": quantized,
+            "total": total,
+            "unmatched": [],
+            "unused_rules": ["gates stay FP"],  # the tiny models' gates have no point
+        }, (name, r["points"])
+    for r in [fp, *res["quantized"].values()]:
+        if metric == "perplexity":  # exp(mean batch cross-entropy)
+            assert r[metric] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
+        else:
+            assert 0.0 <= r[metric] <= 1.0
+    assert res["figures"] == [str(workdir / "outliers.png"), str(workdir / "attention_mass.png")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config,metric",
@@ -53,8 +103,8 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     arg = f"--config=configs/{config}.py:tiny"
     cut = {
-        "opt125m_gated": ["--config.train.steps=80"],
-        "bert_base_gated": ["--config.train.steps=80"],
+        "opt125m_gated": ["--config.train.steps=40"],
+        "bert_base_gated": ["--config.train.steps=40"],
         "bert_base_glue": [
             "--config.train.steps=60",
             "--config.train.max_eval_batches=20",
@@ -73,17 +123,19 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
         )
         assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "eval.json").read_text())
-    assert res["step"] > 0
-    fp = res["fp"]
-    for key in (metric, "max_inf_norm", "avg_kurtosis"):
-        assert math.isfinite(fp[key]), key
-    assert fp["per_layer"] and "W8A8" in res["quantized"]
-    assert math.isfinite(res["quantized"]["W8A8"][metric])
+    check_schema(res, metric, config, tmp_path)
     bad = [p for p, ok in finite_leaves({k: v for k, v in res.items() if k != "figures"}) if not ok]
     assert not bad, bad
     assert (tmp_path / "outliers.png").stat().st_size > 1000
     assert (tmp_path / "attention_mass.png").stat().st_size > 1000
+    fp = res["fp"]
     if metric == "perplexity":  # the model learned something: far below the vocabulary size
         assert fp[metric] < 2000
     else:
         assert fp[metric] > 0.5
+    for name, r in res["quantized"].items():
+        # quantization changed the model's outputs (the loss moved) ...
+        assert r["loss"] != fp["loss"], name
+    # ... and W8A8 stays close to full precision
+    w8 = res["quantized"]["W8A8"]
+    assert abs(w8["loss"] - fp["loss"]) < 0.1, (w8["loss"], fp["loss"])

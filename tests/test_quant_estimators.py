@@ -109,23 +109,54 @@ def test_lsq_init_step():
     np.testing.assert_allclose(lo, -s * 7, rtol=1e-5)
 
 
-def np_iterative(w, qmin, qmax, iters=30):
-    s = np.abs(w).max() / qmax
-    for _ in range(iters):
-        q = np.clip(np.round(w / s), qmin, qmax)
-        s = np.sum(w * q) / np.sum(q * q)
-    return s
+def lsq_error(w, s, qmin, qmax):
+    """``||w - s * clip(round(w / s), qmin, qmax)||^2`` for each step in ``s``."""
+    s = np.asarray(s, np.float64)[..., None]
+    return np.sum((w - s * np.clip(np.round(w / s), qmin, qmax)) ** 2, axis=-1)
 
 
-def test_iterative_weight_init():
-    spec = QuantSpec(bits=3, scheme="symmetric", estimator="iterative")
+def least_squares_step(w, s, qmin, qmax):
+    """The step that best fits ``w`` with the integers ``q = clip(round(w / s))`` held fixed:
+    ``argmin_t ||w - t q||^2 = <w, q> / <q, q>``."""
+    qq = np.clip(np.round(w / s), qmin, qmax)
+    return np.dot(w, qq) / np.dot(qq, qq)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_iterative_per_tensor_is_the_least_squares_step(bits):
+    """The step is a fixed point ``s = <w, q(s)> / <q(s), q(s)>`` and, on this tensor, the
+    minimiser of ``||w - s q(s)||^2`` found by brute force over 20k steps."""
+    spec = QuantSpec(bits=bits, scheme="symmetric", estimator="iterative")
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     lo, hi = run(spec)
-    np.testing.assert_allclose(hi / 3, np_iterative(X.astype(np.float64), -4, 3), rtol=1e-4)
-    spec = spec.replace(granularity="channel")
-    lo, hi = run(spec)
-    np.testing.assert_allclose(
-        hi[0, 7] / 3, np_iterative(X[:, 7].astype(np.float64), -4, 3), rtol=1e-4
-    )
+    s = float(hi) / qmax
+    np.testing.assert_allclose(lo, -hi, rtol=1e-6)
+    w = X.astype(np.float64).reshape(-1)
+    np.testing.assert_allclose(least_squares_step(w, s, qmin, qmax), s, rtol=1e-5)
+    s0 = np.abs(w).max() / qmax
+    grid = np.linspace(s0 / 50, 1.2 * s0, 20_000)
+    errs = lsq_error(w, grid, qmin, qmax)
+    best = grid[np.argmin(errs)]
+    assert float(lsq_error(w, s, qmin, qmax)) <= errs.min() * (1 + 1e-6)
+    np.testing.assert_allclose(s, best, rtol=2 * (grid[1] - grid[0]) / best)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "unsigned"])
+def test_iterative_per_channel_steps_are_fixed_points(scheme):
+    """Per channel: every step satisfies ``s = <w, q(s)> / <q(s), q(s)>`` on its own column
+    and has no larger error than the start ``max|w| / Qp``."""
+    x = np.abs(X) if scheme == "unsigned" else X
+    spec = QuantSpec(bits=3, scheme=scheme, estimator="iterative", granularity="channel")
+    qmin, qmax = (-4, 3) if scheme == "symmetric" else (0, 7)
+    lo, hi = run(spec, x)
+    assert hi.shape == (1, 24)
+    steps = hi[0].astype(np.float64) / qmax
+    np.testing.assert_allclose(lo[0], -hi[0] if scheme == "symmetric" else 0.0, rtol=1e-6)
+    for c in range(24):
+        w = x[:, c].astype(np.float64)
+        s = steps[c]
+        np.testing.assert_allclose(least_squares_step(w, s, qmin, qmax), s, rtol=1e-5)
+        assert lsq_error(w, s, qmin, qmax) <= lsq_error(w, np.abs(w).max() / qmax, qmin, qmax)
 
 
 def test_accumulators():

@@ -60,7 +60,10 @@ class FFN(nn.Module):
     def __call__(self, h):
         p = self.plan
         z = P(p, "hidden")(Dense(16, p, name="fc1")(h))
-        return P(p, "out")(Dense(8, p, name="fc2")(P(p, "act")(nn.gelu(z))))
+        a = nn.gelu(z)
+        self.sow("probe", "act_in", a)  # the act point's input, when 'probe' is mutable
+        a = self.perturb("act_out", P(p, "act")(a))  # its output cotangent, for gradients
+        return P(p, "out")(Dense(8, p, name="fc2")(a))
 
 
 class Layer(nn.Module):
@@ -229,7 +232,11 @@ def test_nan_during_calibration_names_the_point():
 
 
 def test_mixed_modes_weights_frozen_activations_learn():
-    """Weights frozen (mode override) while activation steps learn; LSQ+ init from stats."""
+    """Weights frozen by their rule's mode while activation steps learn. LSQ+ at ``ffn/act``
+    starts at ``s = (hi - lo) / 15``, ``beta = lo``; with a grid that clips at both ends its
+    gradients are, per element with ``v = (x - beta) / s`` and ``g = 1 / sqrt(N * Qp)``:
+    ``d/ds = g * (round(v) - v)`` inside, ``g * qmin`` / ``g * qmax`` clipped;
+    ``d/dbeta = 0`` inside, ``g`` clipped."""
     rules = (
         q.rule(
             r"weight$",
@@ -243,27 +250,54 @@ def test_mixed_modes_weights_frozen_activations_learn():
         q.rule(r".", "act", bits=4, scheme="symmetric", learn="lsq", estimator="lsq_init"),
     )
     plan = QuantPlan(rules, mode="calibrate")
+    assert plan.resolve("layer_0/ffn/fc1/weight", "weight")[1] == "quantize"
+    assert plan.resolve("layer_0/ffn/act", "act")[1] == "calibrate"
     m = Toy(plan)
-    v = m.init(jax.random.key(0), X)
+    v = jax.jit(m.init)(jax.random.key(0), X)
+    v.pop("probe")
     assert "offset" in v["params"]["layer_0"]["ffn"]["act"]
+    assert "weight" not in v["params"]["layer_0"]["ffn"]["fc1"]  # frozen weights: no step
     v = q.calibrate(lambda v, b: m.apply(v, b, mutable=[q.STATS]), v, [X])
     v = q.init_learnable(v)
     st = v[q.STATS]["layer_0"]["ffn"]["act"]
-    s = (st["hi"] - st["lo"]) / 15
-    np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["step"], s, rtol=1e-6)
+    s0 = (st["hi"] - st["lo"]) / 15
+    np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["step"], s0, rtol=1e-6)
     np.testing.assert_allclose(v["params"]["layer_0"]["ffn"]["act"]["offset"], st["lo"], rtol=1e-6)
+
+    # shrink the grid and shift it up so that the calibrated data clips at both ends
+    s, beta = np.float32(0.5 * s0), np.float32(st["lo"] + 2 * s0)
+    params = jax.tree.map(lambda a: a, v["params"])
+    params["layer_0"]["ffn"]["act"] = {"step": jnp.asarray(s), "offset": jnp.asarray(beta)}
     learn = Toy(plan.with_mode("learn"))
 
-    def loss(params):
-        return jnp.sum(learn.apply({**v, "params": params}, X) ** 2)
+    def loss(params, pert):
+        y, probe = learn.apply({**v, "params": params, "perturbations": pert}, X, mutable=["probe"])
+        return jnp.sum(y**2), probe["probe"]["layer_0"]["ffn"]["act_in"]
 
-    g = jax.jit(jax.grad(loss))(v["params"])
+    (g, g_pert), (x,) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
+        params, v["perturbations"]
+    )
+    ct = np.asarray(g_pert["layer_0"]["ffn"]["act_out"], np.float64)
+    x = np.asarray(x)
+    vv = (x - beta) / s
+    below, above = vv < 0, vv > 15
+    assert below.any() and above.any()
+    gs = 1 / np.sqrt(x.size * 15)
+    ds = np.where(below, 0.0, np.where(above, 15.0, np.round(vv) - vv))
+    want_s = gs * np.sum(ct * ds)
+    want_b = gs * np.sum(ct * (below | above))
+    ga = g["layer_0"]["ffn"]["act"]
+    assert abs(want_b) > 1e-3 * gs * np.abs(ct).sum()
+    np.testing.assert_allclose(float(ga["step"]), want_s, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(ga["offset"]), want_b, rtol=1e-4, atol=1e-7)
     assert float(jnp.abs(g["layer_0"]["attn"]["softmax"]["step"])) > 0
-    assert float(jnp.abs(g["layer_0"]["ffn"]["act"]["offset"])) >= 0
     assert float(jnp.abs(g["layer_0"]["ffn"]["fc1"]["kernel"]).sum()) > 0
+    # quantize mode: the same learnable points, but their steps get no gradient
     frozen = Toy(plan.with_mode("quantize"))
-    g2 = jax.grad(lambda p: jnp.sum(frozen.apply({**v, "params": p}, X) ** 2))(v["params"])
+    g2 = jax.jit(jax.grad(lambda p: jnp.sum(frozen.apply({**v, "params": p}, X) ** 2)))(params)
     assert float(jnp.abs(g2["layer_0"]["attn"]["softmax"]["step"])) == 0
+    assert float(jnp.abs(g2["layer_0"]["ffn"]["act"]["offset"])) == 0
+    assert float(jnp.abs(g2["layer_0"]["ffn"]["fc1"]["kernel"]).sum()) > 0
 
 
 def test_binary_point():

@@ -1,12 +1,17 @@
-"""Fake-quant forward values against NumPy, and STE / LSQ / LSQ+ gradients against their
-closed forms, including the clip boundaries."""
+"""Fake-quant forward values against NumPy, STE / LSQ / LSQ+ gradients against their
+closed forms (including the clip boundaries), and the gradient scales of learnable steps."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qtx.quant as q
 from qtx.quant import QuantSpec, binary_quant, grid_bounds, qparams_from_range, uniform_quant
+from qtx.quant.primitives import grad_scale_value
 from qtx.quant.ranges import fake_quant_range
 
 
@@ -140,3 +145,113 @@ def test_uniform_quant_is_jit_safe_and_idempotent():
     x = jnp.linspace(-20, 20, 101)
     y = f(x)
     np.testing.assert_allclose(np.asarray(f(y)), np.asarray(y), atol=1e-6)
+
+
+W = np.random.default_rng(5).normal(size=(6, 10)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kind,num_scales,qmax,want",
+    [
+        # LSQ: 1 / sqrt(N * Qp), N = elements per step
+        ("lsq", 1, 7, 1 / math.sqrt(60 * 7)),
+        ("lsq", 10, 7, 1 / math.sqrt(6 * 7)),
+        ("lsq", 6, 255, 1 / math.sqrt(10 * 255)),
+        # Quantization Variation, activations: 1 / (Qp * sqrt(N))
+        ("act_qv", 1, 15, 1 / (15 * math.sqrt(60))),
+        ("act_qv", 10, 7, 1 / (7 * math.sqrt(6))),
+        # Quantization Variation, weights: 1 / sqrt(Qp * ||W||_1)
+        ("weight_l1", 1, 7, 1 / math.sqrt(7 * float(np.abs(W.astype(np.float64)).sum()))),
+        ("weight_l1", 1, 1, 1 / math.sqrt(float(np.abs(W.astype(np.float64)).sum()))),
+        ("none", 1, 7, 1.0),
+        ("none", 10, 127, 1.0),
+        (0.125, 1, 7, 0.125),
+        (3, 10, 7, 3.0),
+    ],
+)
+def test_grad_scale_value_formulas(kind, num_scales, qmax, want):
+    got = grad_scale_value(kind, jnp.asarray(W), num_scales, qmax)
+    assert got.shape == ()
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+class Point(nn.Module):
+    plan: q.QuantPlan
+    kind: str = "act"
+
+    @nn.compact
+    def __call__(self, x):
+        return q.QuantPoint(self.plan, self.kind, name="x")(x)
+
+
+def np_grad_scale(kind, x, num_scales, qp):
+    """The gradient scales written out: N = x.size / num_scales elements share a step."""
+    n = x.size / num_scales
+    if kind == "lsq":
+        return 1 / math.sqrt(n * qp)
+    if kind == "act_qv":
+        return 1 / (qp * math.sqrt(n))
+    if kind == "weight_l1":
+        return 1 / math.sqrt(qp * np.abs(x.astype(np.float64)).sum())
+    return 1.0 if kind == "none" else float(kind)
+
+
+@pytest.mark.parametrize(
+    "kind,scheme,learn,granularity,grad_scale",
+    [
+        ("act", "symmetric", "lsq", "tensor", "lsq"),
+        ("act", "unsigned", "lsq+", "tensor", "act_qv"),
+        ("weight", "symmetric", "lsq", "tensor", "weight_l1"),
+        ("weight", "symmetric", "lsq", "channel", "lsq"),
+        ("act", "asymmetric", "lsq+", "channel", "none"),
+        ("act", "symmetric", "lsq+", "tensor", 0.3),
+    ],
+)
+def test_point_step_and_offset_gradients_are_closed_form_times_g(
+    kind, scheme, learn, granularity, grad_scale
+):
+    """Through a QuantPoint in ``learn`` mode, per element with ``v = (x - beta) / s``:
+    ``dx_hat/ds = round(v) - v`` inside, ``qmin`` below, ``qmax`` above;
+    ``dx_hat/dbeta = 0`` inside, ``1`` clipped; both summed per step and multiplied by g."""
+    spec = dict(bits=4, scheme=scheme, learn=learn, granularity=granularity)
+    rule = q.rule(".", kind, estimator="minmax", grad_scale=grad_scale, **spec)
+    plan = q.QuantPlan((rule,), mode="learn")
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(12, 5)) * 2).astype(np.float32)
+    ct = rng.normal(size=x.shape).astype(np.float32)
+    qmin, qmax = grid_bounds(4, scheme)
+    m = Point(plan, kind)
+    params = m.init(jax.random.key(0), jnp.asarray(x))["params"]
+    assert ("offset" in params["x"]) == (learn == "lsq+")
+    # steps (one per column when per channel) small enough that both ends of the grid clip
+    s = np.float32(0.23)
+    if granularity == "channel":
+        s = (0.21 + 0.02 * np.arange(5, dtype=np.float32)).reshape(1, 5)
+    params = {"x": {"step": jnp.asarray(s)}}
+    beta = np.float32(0.0)
+    if learn == "lsq+":
+        beta = np.asarray(-0.5 * (qmin + qmax) * s + 0.1, np.float32)
+        params["x"]["offset"] = jnp.asarray(beta)
+
+    def loss(p):
+        return jnp.sum(jnp.asarray(ct) * m.apply({"params": p}, jnp.asarray(x)))
+
+    grads = jax.jit(jax.grad(loss))(params)["x"]
+    v = (x - beta) / s  # float32, as the op computes it
+    below, above = v < qmin, v > qmax
+    assert below.any() and above.any() and (~below & ~above).any()
+    ds_el = np.where(below, qmin, np.where(above, qmax, np.round(v) - v)).astype(np.float64)
+    db_el = (below | above).astype(np.float64)
+    axis = 0 if granularity == "channel" else None
+    n_scales = 5 if granularity == "channel" else 1
+    g = np_grad_scale(grad_scale, x, n_scales, qmax)
+    want_s = g * np.sum(ct * ds_el, axis=axis)
+    np.testing.assert_allclose(
+        np.asarray(grads["step"]).reshape(-1), np.reshape(want_s, -1), rtol=1e-4, atol=1e-6
+    )
+    if learn == "lsq+":
+        want_b = g * np.sum(ct * db_el, axis=axis)
+        assert np.all(np.abs(want_b) > 1e-3)
+        np.testing.assert_allclose(
+            np.asarray(grads["offset"]).reshape(-1), np.reshape(want_b, -1), rtol=1e-4, atol=1e-6
+        )
