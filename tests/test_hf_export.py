@@ -28,12 +28,14 @@ def random_variables(cfg, seed=0):
     return jax.tree.unflatten(tree, noisy)
 
 
-def text_inputs(vocab, pad):
+def text_inputs(vocab, pad, left=False):
+    """Two rows of 7 tokens; the second has 2 pads at the end (or at the start)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(3, vocab, (2, 7))
     mask = np.ones((2, 7), np.int64)
-    mask[1, -2:] = 0
-    ids[1, -2:] = pad
+    where = slice(0, 2) if left else slice(-2, None)
+    mask[1, where] = 0
+    ids[1, where] = pad
     return ids, mask
 
 
@@ -52,26 +54,51 @@ def hf_bert(tmp_path, cls=transformers.BertForSequenceClassification, seed=0):
     return hf
 
 
-CASES = {
-    "bert_mlm": ("bert-tiny", dict(head="mlm", pooler=False)),
-    "bert_cls": ("bert-tiny", dict(head="classification", num_labels=3)),
-    "roberta_cls": ("roberta-tiny", dict(head="classification", pooler=False, max_positions=40)),
-    "opt_post_ln_proj": ("opt-tiny", dict(pre_ln=False, final_ln=False, word_embed_proj_dim=16)),
-    "opt_base": ("opt-tiny", dict(head="none")),
-    "vit_cls": ("vit-tiny", dict(num_channels=3)),
-    "deit_distilled": ("vit-tiny", dict(num_channels=3, distillation_token=True, max_positions=18)),
+CASES = {  # qtx size preset, overrides, the HF architecture it exports as
+    "bert_mlm": ("bert-tiny", dict(head="mlm", pooler=False), "BertForMaskedLM"),
+    "bert_cls": (
+        "bert-tiny",
+        dict(head="classification", num_labels=3),
+        "BertForSequenceClassification",
+    ),
+    "roberta_cls": (
+        "roberta-tiny",
+        dict(head="classification", pooler=False, max_positions=40),
+        "RobertaForSequenceClassification",
+    ),
+    # logits at every position, pads included: positions count from pad_token_id + 1
+    "roberta_mlm": (
+        "roberta-tiny",
+        dict(head="mlm", pooler=False, max_positions=40),
+        "RobertaForMaskedLM",
+    ),
+    "opt_post_ln_proj": (
+        "opt-tiny",
+        dict(pre_ln=False, final_ln=False, word_embed_proj_dim=16),
+        "OPTForCausalLM",
+    ),
+    "opt_base": ("opt-tiny", dict(head="none"), "OPTModel"),
+    # positions from the attention mask: the real tokens of a left-padded row match HF's
+    "opt_clm_left_padded": ("opt-tiny", dict(head="clm"), "OPTForCausalLM"),
+    "vit_cls": ("vit-tiny", dict(num_channels=3), "ViTForImageClassification"),
+    "deit_distilled": (
+        "vit-tiny",
+        dict(num_channels=3, distillation_token=True, max_positions=18),
+        "DeiTForImageClassificationWithTeacher",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_round_trip(tmp_path, case):
-    name, over = CASES[case]
+    name, over, want_arch = CASES[case]
     if name != "vit-tiny":
         over = dict(over, vocab_size=99, max_positions=over.get("max_positions", 40))
     cfg = model_config(name, dict(SMALL, **over))
     model, variables = build(cfg), random_variables(cfg)
     qtx.hf.export(tmp_path, cfg, variables)
     arch = io.read_config(tmp_path)["architectures"][0]
+    assert arch == want_arch
     hf = getattr(transformers, arch).from_pretrained(tmp_path).eval()
 
     if cfg.family == "vit":
@@ -83,7 +110,7 @@ def test_export_round_trip(tmp_path, case):
         )
         mask = None
     else:
-        ids, mask = text_inputs(99, cfg.pad_token_id)
+        ids, mask = text_inputs(99, cfg.pad_token_id, left=case.endswith("left_padded"))
         with torch.no_grad():
             ref = hf(
                 input_ids=torch.tensor(ids),

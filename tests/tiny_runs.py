@@ -1,6 +1,14 @@
-"""The command line of a one-layer OPT run that takes seconds (for subprocess tests)."""
+"""The command line of a one-layer OPT run that takes seconds (for subprocess tests).
 
+Run as a script, ``python tests/tiny_runs.py PAUSE_AT MARKER train.py ARGS...`` runs
+``train.py ARGS...`` but, when the loop logs the training metrics of step ``PAUSE_AT``, it
+creates the file ``MARKER`` and sleeps instead: a test can then kill the run at a known step.
+"""
+
+import os
+import runpy
 import sys
+import time
 
 
 def opt_train_cmd(workdir, steps, *, width=64, checkpoint_every=10, script="train.py"):
@@ -22,3 +30,33 @@ def opt_train_cmd(workdir, steps, *, width=64, checkpoint_every=10, script="trai
         "--config.train.max_eval_batches=2",
         "--config.train.tensorboard=False",
     ]
+
+
+def paused_train_cmd(workdir, steps, pause_at, marker, **kw):
+    """:func:`opt_train_cmd` that stops (sleeping, not exiting) at step ``pause_at`` and
+    then creates ``marker``; the steps before it are done and logged."""
+    cmd = opt_train_cmd(workdir, steps, **kw)
+    return [cmd[0], os.path.abspath(__file__), str(pause_at), str(marker), *cmd[1:]]
+
+
+def _run_paused(pause_at: int, marker: str, script: str, args: list[str]) -> None:
+    from qtx.train.metrics import MetricWriter
+
+    write = MetricWriter.write
+
+    def write_or_pause(self, step, split, metrics):
+        if split == "train" and step == pause_at:
+            open(marker, "w").close()
+            while True:
+                time.sleep(60)
+        return write(self, step, split, metrics)
+
+    MetricWriter.write = write_or_pause
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    # the repository root (the script's directory) first, as for ``python train.py``
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[3]))
+    _run_paused(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])
