@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.nn.attention import AttentionConfig
+from qtx.nn.attention import FINETUNE_GATE_STD, AttentionConfig
 from qtx.nn.transformer import ACTIVATIONS, BlockConfig
 
 FAMILIES = ("bert", "roberta", "opt", "vit")
@@ -23,8 +23,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Attention projections that take PyTorch's default Linear init instead of N(0, init_std): the
 # reference code builds its attention modules after the model, so they keep that init.
 ATTENTION_PROJ_INITS = {"normal": "", "pytorch_qkv": "qkv", "pytorch_qkvo": "qkvo"}
-# Gate weight std in fine-tuning mode when unset (the reference: BERT 0.01, OPT 0.001).
-FINETUNE_GATE_STD = {"opt": 0.001}
+# Gate weight std in fine-tuning mode when unset, per family (the reference: OPT 0.001; the
+# others take the gate's own default, BERT's 0.01).
+FAMILY_FINETUNE_GATE_STD = {"opt": 0.001}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ class ModelConfig:
     def block(self, **overrides) -> BlockConfig:
         attention = self.attention
         if attention.gate_finetune and attention.gate_init_std is None:
-            std = FINETUNE_GATE_STD.get(self.family, 0.01)
+            std = FAMILY_FINETUNE_GATE_STD.get(self.family, FINETUNE_GATE_STD)
             attention = dataclasses.replace(attention, gate_init_std=std)
         return BlockConfig(
             hidden_size=self.hidden_size,

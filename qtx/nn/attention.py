@@ -50,6 +50,7 @@ ATTENTION = "attention"  # collection of attention probabilities, when made muta
 SOFTMAXES = ("vanilla", "clipped", "off_by_one")
 GATES = ("none", "linear", "mlp", "mlp_wide", "all_heads_linear")
 GATE_CONDITIONS = ("token", "head", "none")
+FINETUNE_GATE_STD = 0.01  # gate weight std in fine-tuning mode when unset (reference: BERT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +182,7 @@ class Gate(nn.Module):
     def _weight_init(self, fan_in: int):
         std = self.cfg.gate_init_std
         if std is None and self.cfg.gate_finetune:
-            std = 0.01
+            std = FINETUNE_GATE_STD
         return torch_linear_init(fan_in) if std is None else nn.initializers.normal(std)
 
     def _hidden_bias_init(self, fan_in: int):
