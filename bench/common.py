@@ -179,10 +179,33 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_isa() -> list[str]:
+    """The vector instruction sets the CPU reports (AVX2, AVX-512 subsets, AMX, FMA)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def matmul_peak(n: int, dtype, repeats: int) -> dict:
+    """Median time of a jitted ``a @ a`` (n x n) -> FLOP/s = 2 n^3 / t."""
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    r = measure({"mm": blocking(jax.jit(jnp.matmul), a, a)}, repeats, min_sample_s=0.2)["mm"]
+    return {"n": n, "dtype": jnp.dtype(dtype).name, **r, "flops": 2 * n**3 / r["median_ms"] * 1e3}
+
+
 def machine_info() -> dict:
-    """Device, versions and CPU of this run (stored in every JSON)."""
+    """Device, versions, CPU and its instruction sets of this run (stored in every JSON)."""
     dev = jax.devices()[0]
     return {
+        "cpu_isa": cpu_isa(),
         "backend": jax.default_backend(),
         "device": str(dev),
         "device_kind": dev.device_kind,

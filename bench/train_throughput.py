@@ -46,7 +46,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Run, available_cores, base_parser, blocking, measure, paired_ratio, table
+from common import (
+    Run,
+    available_cores,
+    base_parser,
+    matmul_peak,
+    measure,
+    paired_ratio,
+    table,
+)
 from flax.traverse_util import flatten_dict
 
 import qtx.quant as q
@@ -71,13 +79,6 @@ def get_config(spec: str):
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     return mod.get_config(arg or None)
-
-
-def matmul_peak(n: int, dtype, repeats: int) -> dict:
-    """Median time of a jitted ``a @ a`` (n x n) -> FLOP/s = 2 n^3 / t."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    r = measure({"mm": blocking(jax.jit(jnp.matmul), a, a)}, repeats, min_sample_s=0.2)["mm"]
-    return {"n": n, "dtype": jnp.dtype(dtype).name, **r, "flops": 2 * n**3 / r["median_ms"] * 1e3}
 
 
 def torch_matmul_peak(n: int, repeats: int) -> dict:

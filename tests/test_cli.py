@@ -17,7 +17,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
     p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common")
 )
-ARGS = {"bert_base_glue": (None, "tiny", "mnli")}
+ARGS = {
+    "bert_base_glue": (None, "tiny", "mnli"),
+    "bert_glue_os": (None, "tiny", "cola"),
+    "bert_glue_os_qat": (None, "tiny", "stsb"),
+}
 
 
 def parse(config_arg: str, *overrides: str) -> ml_collections.ConfigDict:

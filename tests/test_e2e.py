@@ -54,8 +54,8 @@ POINTS = {
 def check_schema(res, metric, config, workdir):
     """eval.json: ``{"step": int, "fp": {metric, "loss", "max_inf_norm", "avg_kurtosis",
     "headline_inf_norm", "per_layer": {tensor: {"inf_norm", "kurtosis"}}}, "quantized":
-    {setup: {metric, "loss", "points": {"quantized", "total", "unmatched", "unused_rules"}}},
-    "figures": [outliers.png, attention_mass.png]}``."""
+    {setup: {metric, "loss", "setup", "method", "calibration_seconds", "points": {"quantized",
+    "total", "unmatched", "unused_rules"}}}, "figures": [outliers.png, attention_mass.png]}``."""
     assert set(res) == {"step", "fp", "quantized", "figures"}
     assert type(res["step"]) is int and res["step"] > 0
     fp = res["fp"]
@@ -72,8 +72,9 @@ def check_schema(res, metric, config, workdir):
     assert min(kurt) <= fp["avg_kurtosis"] <= max(kurt)
     assert set(res["quantized"]) == set(POINTS[config])
     for name, r in res["quantized"].items():
-        assert set(r) == {metric, "loss", "points"}, name
+        assert set(r) == {metric, "loss", "setup", "method", "calibration_seconds", "points"}, name
         assert type(r[metric]) is float and type(r["loss"]) is float
+        assert (r["setup"], r["method"]) == (name, None) and r["calibration_seconds"] > 0
         quantized, total = POINTS[config][name]
         assert r["points"] == {
             "quantized": quantized,

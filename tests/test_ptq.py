@@ -67,8 +67,8 @@ def fp():
 
 def test_w8a8_is_close_to_fp_and_w4a4_is_further(fp):
     params, ref = fp
-    (y8, v8, out8), rep8 = evaluate_setup(CFG, "W8A8", params, CALIB, run)
-    (y4, _, out4), rep4 = evaluate_setup(CFG, "W4A4", params, CALIB, run)
+    (y8, v8, out8), rep8, _, _ = evaluate_setup(CFG, "W8A8", params, CALIB, run)
+    (y4, _, out4), rep4, _, _ = evaluate_setup(CFG, "W4A4", params, CALIB, run)
     e8, e4 = rel_err(y8, ref), rel_err(y4, ref)
     assert 1e-4 < e8 < 0.1, e8  # quantized, and close
     assert e4 > 5 * e8, (e4, e8)
@@ -109,7 +109,7 @@ def test_learnable_setup_starts_from_calibrated_steps(fp):
     """qv_lsq: LSQ steps and the GELU point's LSQ+ offset are declared by the setup and
     initialised from calibration (``step = stats learn_step >= min_scale``)."""
     params, ref = fp
-    (y, v, _), rep = evaluate_setup(CFG, "qv_lsq:W4A4", params, CALIB, run)
+    (y, v, _), rep, _, _ = evaluate_setup(CFG, "qv_lsq:W4A4", params, CALIB, run)
     assert rep.unmatched_points == [] and "layer_0/attn/softmax" in rep.quantized
     p, st = flatten_dict(v["params"]), flatten_dict(v[q.STATS])
     steps = {k[:-1]: val for k, val in p.items() if k[-1] == "step"}

@@ -5,9 +5,12 @@ Writes ``<workdir>/eval.json``::
     {"step": int,
      "fp": {"perplexity" | "accuracy": x, "max_inf_norm": x, "avg_kurtosis": x,
             "headline_inf_norm": x, "per_layer": {tensor: {"inf_norm", "kurtosis"}}},
-     "quantized": {"W8A8": {"perplexity" | "accuracy": x, "points": {...}}, ...}}
+     "quantized": {"W8A8": {"perplexity" | "accuracy": x, "setup": str, "method": str | None,
+                            "calibration_seconds": s, "details": {...}, "points": {...}},
+                   ...}}
 
-prints the same as a table, and draws ``outliers.png`` and ``attention_mass.png``.
+(with ``config.eval.ptq_methods`` the names are ``<setup>/<method>``), prints the same as a
+table, and draws ``outliers.png`` and ``attention_mass.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 from qtx import quant
 from qtx.errors import UserError
 from qtx.evaluate import figures
-from qtx.evaluate.metrics import run_eval
+from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval, scores
 from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.evaluate.ptq import evaluate_setup
 from qtx.models import build, dummy_inputs
@@ -37,10 +40,6 @@ from qtx.train.mesh import (
 from qtx.train.steps import make_eval_step
 
 
-def _metric_name(task: str) -> str:
-    return "perplexity" if task in ("clm", "mlm") else "accuracy"
-
-
 def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
     """``(step, params, extra)`` from an HF checkpoint or the workdir's latest checkpoint,
     parameters sharded over ``mesh``."""
@@ -49,6 +48,11 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
         from qtx import hf
 
         params = hf.pretrained_params(hf_checkpoint, cfg)
+        if cfg.gamma_migrated:  # HF checkpoints hold the original LayerNorms
+            from qtx.methods.outlier_suppression import migrate_gamma
+
+            params = migrate_gamma(cfg.replace(gamma_migrated=False), {"params": params})[1]
+            params = params["params"]
         return 0, jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params))), {}
     ck = Checkpointer(workdir, async_save=False)
     model = build(cfg, exp.plan.with_mode("off"))
@@ -85,14 +89,15 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     cfg = exp.model.replace(dtype=ev["dtype"]) if ev["dtype"] else exp.model
     step, params, extra = load_variables(exp, workdir, hf_checkpoint, mesh)
     to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
-    metric = _metric_name(task)
+    glue = glue_task_of(exp)
+    metric = headline_metric(task, glue)
 
     def run(model, variables, outliers=None):
         step_fn = jax.jit(
             make_eval_step(model, cfg.family, task, ("intermediates",) if outliers else ())
         )
         return run_eval(
-            step_fn, variables, pipe.eval_batches(ev["max_batches"]), task, to_dev, outliers
+            step_fn, variables, pipe.eval_batches(ev["max_batches"]), task, to_dev, outliers, glue
         )
 
     fp_plan = quant.QuantPlan(track=exp.plan.track)
@@ -102,7 +107,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     out = acc.summary()
     results = {
         "step": int(step),
-        "fp": {metric: fp[metric], "loss": fp["loss"], **out},
+        "fp": {metric: fp[metric], **scores(fp), "loss": fp["loss"], **out},
         "quantized": {},
     }
     say(
@@ -113,18 +118,32 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     if needs_calibration(exp.plan) and extra:
         trained = build(cfg, exp.plan.with_mode("quantize"))
         r = run(trained, {"params": params, **extra})
-        results["quantized"]["trained"] = {metric: r[metric], "loss": r["loss"]}
+        results["quantized"]["trained"] = {metric: r[metric], **scores(r), "loss": r["loss"]}
     calib = [
         to_dev(b) for b in pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
     ]
     host_params = fetch(params)
-    for name, setup in exp.eval_setups().items():
-        r, report = evaluate_setup(
-            cfg, setup, host_params, calib, run, ev["options"], ev["calibration"]
+    for name, setup, method in exp.eval_cells():
+        r, report, seconds, info = evaluate_setup(
+            cfg,
+            setup,
+            host_params,
+            calib,
+            run,
+            ev["options"],
+            ev["calibration"],
+            method,
+            ev["ptq_options"],
+            metric,
         )
         results["quantized"][name] = {
             metric: r[metric],
+            **scores(r),
             "loss": r["loss"],
+            "setup": setup,
+            "method": method,
+            "calibration_seconds": seconds,
+            **({"details": info} if info else {}),
             "points": {
                 "quantized": len(report.quantized),
                 "total": len(report.matched),
@@ -134,7 +153,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         }
         say(
             f"{name}: {metric} {r[metric]:.4g} ({len(report.quantized)} of "
-            f"{len(report.matched)} points quantized)"
+            f"{len(report.matched)} points quantized, calibration {seconds:.1f} s)"
         )
 
     if ev["figures"]:  # every process joins the attention pass; process 0 draws
@@ -169,11 +188,13 @@ def format_table(results: dict, metric: str) -> str:
 
     fp = results["fp"]
     rows = [
-        ("setup", metric, "max inf norm", "avg kurtosis"),
-        ("FP", fmt(fp[metric]), fmt(fp["max_inf_norm"]), fmt(fp["avg_kurtosis"])),
+        ("setup", metric, "max inf norm", "avg kurtosis", "calibration s"),
+        ("FP", fmt(fp[metric]), fmt(fp["max_inf_norm"]), fmt(fp["avg_kurtosis"]), ""),
     ]
-    rows += [(k, fmt(v[metric]), "", "") for k, v in results["quantized"].items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for k, v in results["quantized"].items():
+        secs = v.get("calibration_seconds")
+        rows.append((k, fmt(v[metric]), "", "", "" if secs is None else f"{secs:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return f"step {results['step']}\n" + "\n".join(lines)

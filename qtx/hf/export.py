@@ -37,6 +37,8 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         out.append("config.model.fused_qkv=True")
     if cfg.activation not in ACTIVATIONS_TO_HF:
         out.append(f"config.model.activation={cfg.activation!r}")
+    if cfg.gamma_migrated:  # non-scaling LayerNorms: export the parameters before migration
+        out.append("config.model.gamma_migrated=True")
     return out + CONVERTERS[cfg.family].export_problems(cfg)
 
 

@@ -44,7 +44,7 @@ class BertEmbeddings(nn.Module):
         self.position = Embed(c.max_positions, c.hidden_size, p, init, c.compute_dtype)
         self.token_type = Embed(c.type_vocab_size, c.hidden_size, p, init, c.compute_dtype)
         self.sum = QuantPoint(p)
-        self.ln = LayerNorm(p, c.ln_eps)
+        self.ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated)
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, input_ids, token_type_ids, deterministic=True):
@@ -95,6 +95,7 @@ class Bert(nn.Module):
             deterministic,
             c.remat,
             output_hidden_states,
+            embed.ln.migrated_gamma() if c.gamma_migrated else None,
         )
         out = {"last_hidden_state": h}
         if output_hidden_states:

@@ -64,6 +64,9 @@ class ModelConfig:
     distillation_token: bool = False
     dtype: str = "float32"
     remat: bool = False
+    # Outlier Suppression's gamma migration was applied to the parameters: the LayerNorms are
+    # non-scaling (set by qtx.methods.outlier_suppression.migrate_gamma, never by hand)
+    gamma_migrated: bool = False
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -126,6 +129,7 @@ class ModelConfig:
             dtype=self.compute_dtype,
             causal=self.family == "opt",
             attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
+            gamma_migrated=self.gamma_migrated,
             **overrides,
         )
 

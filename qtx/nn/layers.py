@@ -70,9 +70,12 @@ class Embed(nn.Module):
 class LayerNorm(nn.Module):
     """``y = gamma * (x - mu) / sqrt(var + eps) + beta``, float32; points ``weight``, ``out``.
 
-    ``non_scaling=True`` is Outlier Suppression's non-scaling LayerNorm: the output is
-    ``(x - mu) / sqrt(var + eps) + beta`` (the stored beta is then beta / gamma) and gamma is
-    applied by the caller where it was migrated; ``gamma()`` returns it.
+    ``non_scaling=True`` is Outlier Suppression's non-scaling LayerNorm (after gamma
+    migration): the output is ``y' = m * (x - mu) / sqrt(var + eps) + beta'`` with the stored
+    beta' = beta / g, ``g = where(gamma == 0, 1, gamma)`` (:meth:`migrated_gamma`) and ``m =
+    (gamma != 0)``, so that ``y = g * y'`` exactly: a channel whose gamma is 0 outputs the
+    constant beta in both forms. The caller applies ``g`` where it was migrated (the
+    shortcut); the weights that read ``y'`` already hold it.
     """
 
     plan: QuantPlan = QuantPlan()
@@ -88,9 +91,22 @@ class LayerNorm(nn.Module):
         mu = xf.mean(-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
         y = (xf - mu) * jnp.reciprocal(jnp.sqrt(var + self.eps))
-        if not self.non_scaling:
+        if self.non_scaling:
+            y = jnp.where(scale != 0, y, 0.0)
+        else:
             y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
         return QuantPoint(self.plan, name="out")(y + bias)
+
+    def migrated_gamma(self):
+        """(D,) float32 ``where(gamma == 0, 1, gamma)``: what a non-scaling LN's consumers
+        multiply by (call after ``__call__``)."""
+        return migrated_gamma(self.get_variable("params", "scale"))
+
+
+def migrated_gamma(gamma):
+    """``where(gamma == 0, 1, gamma)``: the factor gamma migration moves out of a LayerNorm
+    (a zero gamma moves nothing; that channel keeps its constant beta inside the LN)."""
+    return jnp.where(gamma == 0, 1.0, gamma).astype(jnp.float32)
 
 
 class PatchEmbed(nn.Module):

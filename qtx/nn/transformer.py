@@ -12,6 +12,12 @@ Layer ``i`` (module ``layer_i``) has the points::
 
 Post-LN (BERT, RoBERTa, OPT-350m): ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``.
 Pre-LN (OPT, ViT): ``x = x + Attn(LN(x)); x = x + FFN(LN(x))``.
+
+With ``gamma_migrated`` (Outlier Suppression's gamma migration, see
+``qtx.methods.outlier_suppression``) the LayerNorms are non-scaling and their gamma lives in
+the weights that read them. Post-LN layers then also multiply the shortcut by it:
+``x' = LN'(g_in * x + Attn(x))`` where ``g_in`` is the gamma of the LayerNorm that produced
+``x``; the last layer's FFN LayerNorm feeds the model head and keeps its gamma.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class BlockConfig:
     dtype: Any = jnp.float32
     causal: bool = False  # a decoder: position t sees positions <= t only
     attn_torch_init: str = ""  # attention projections ("qkvo" letters) with PyTorch's init
+    gamma_migrated: bool = False  # non-scaling LayerNorms, gamma in the following weights
 
 
 class FFN(nn.Module):
@@ -84,15 +91,20 @@ def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
 
 
 class TransformerLayer(nn.Module):
-    """One block ``x`` (B, T, D) -> (B, T, D); ``mask`` bool (B, 1, T, S), True = attend."""
+    """One block ``x`` (B, T, D) -> (B, T, D); ``mask`` bool (B, 1, T, S), True = attend.
+
+    ``shortcut_gamma`` (D,): with gamma migration in a post-LN model, the migrated gamma of
+    the LayerNorm that produced ``x`` (None: 1). ``head_ln``: this layer's output LayerNorm
+    feeds the model head (the last post-LN layer), so it keeps its gamma.
+    """
 
     cfg: BlockConfig
     plan: QuantPlan = QuantPlan()
+    head_ln: bool = False
 
-    @nn.compact
-    def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True):
+    def setup(self):
         c, p = self.cfg, self.plan
-        attn = MultiHeadAttention(
+        self.attn = MultiHeadAttention(
             c.num_heads,
             c.attention,
             p,
@@ -104,25 +116,43 @@ class TransformerLayer(nn.Module):
             dtype=c.dtype,
             causal=c.causal,
             torch_init=c.attn_torch_init,
-            name="attn",
         )
-        ffn = FFN(c, p, name="ffn")
-        attn_ln = LayerNorm(p, c.ln_eps, name="attn_ln")
-        ffn_ln = LayerNorm(p, c.ln_eps, name="ffn_ln")
+        self.ffn = FFN(c, p)
+        self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated)
+        self.ffn_ln = LayerNorm(p, c.ln_eps, non_scaling=self.output_ln_migrated)
+        self.residual_attn = QuantPoint(p)
+        self.residual_ffn = QuantPoint(p)
+        self.drop = nn.Dropout(c.dropout)
+
+    @property
+    def output_ln_migrated(self) -> bool:
+        return self.cfg.gamma_migrated and (self.cfg.pre_ln or not self.head_ln)
+
+    def output_gamma(self):
+        """The migrated gamma the next post-LN layer multiplies its shortcut by, or None."""
+        if self.cfg.pre_ln or not self.output_ln_migrated:
+            return None
+        return self.ffn_ln.migrated_gamma()
+
+    def __call__(self, x, mask=None, token_mask=None, deterministic=True, shortcut_gamma=None):
+        c = self.cfg
 
         def branch(y):
-            y = nn.Dropout(c.dropout)(y, deterministic=deterministic or c.dropout == 0)
+            y = self.drop(y, deterministic=deterministic or c.dropout == 0)
             return _drop_path(self, y, c.drop_path, deterministic)
 
         if c.pre_ln:
-            a = branch(attn(attn_ln(x), mask, token_mask, deterministic))
-            x = QuantPoint(p, name="residual_attn")(x + a)
-            f = branch(ffn(ffn_ln(x), deterministic))
-            return QuantPoint(p, name="residual_ffn")(x + f)
-        a = branch(attn(x, mask, token_mask, deterministic))
-        x = attn_ln(QuantPoint(p, name="residual_attn")(x + a))
-        f = branch(ffn(x, deterministic))
-        return ffn_ln(QuantPoint(p, name="residual_ffn")(x + f))
+            a = branch(self.attn(self.attn_ln(x), mask, token_mask, deterministic))
+            x = self.residual_attn(x + a)
+            f = branch(self.ffn(self.ffn_ln(x), deterministic))
+            return self.residual_ffn(x + f)
+        a = branch(self.attn(x, mask, token_mask, deterministic))
+        shortcut = x if shortcut_gamma is None else x * shortcut_gamma
+        x = self.attn_ln(self.residual_attn(shortcut + a))
+        f = branch(self.ffn(x, deterministic))
+        if c.gamma_migrated:
+            x = x * self.attn_ln.migrated_gamma()
+        return self.ffn_ln(self.residual_ffn(x + f))
 
 
 def run_layers(
@@ -135,16 +165,22 @@ def run_layers(
     deterministic=True,
     remat=False,
     collect=False,
+    shortcut_gamma=None,
 ):
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
 
-    Returns the final hidden states and, if ``collect``, the ``num_layers + 1`` layer inputs
-    and outputs (as HF's ``hidden_states``).
+    ``shortcut_gamma``: the migrated gamma of the LayerNorm that produced ``x`` (post-LN
+    models under gamma migration), else None. Returns the final hidden states and, if
+    ``collect``, the ``num_layers + 1`` layer inputs and outputs (as HF's ``hidden_states``;
+    with gamma migration they are reported with their gamma applied, as the original model's).
     """
     layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if remat else TransformerLayer
-    states = [x]
+    states = [x if shortcut_gamma is None else x * shortcut_gamma]
     for i in range(num_layers):
-        x = layer_cls(cfg, plan, name=f"layer_{i}")(x, mask, token_mask, deterministic)
-        states.append(x)
+        head_ln = not cfg.pre_ln and i == num_layers - 1
+        layer = layer_cls(cfg, plan, head_ln, name=f"layer_{i}")
+        x = layer(x, mask, token_mask, deterministic, shortcut_gamma)
+        shortcut_gamma = layer.output_gamma()
+        states.append(x if shortcut_gamma is None else x * shortcut_gamma)
     return x, (tuple(states) if collect else None)

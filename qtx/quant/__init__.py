@@ -14,10 +14,12 @@ from qtx.quant.quantizer import (
     OBSERVED,
     POINTS,
     STATS,
+    TOKENS,
     QuantPoint,
     find_nonfinite,
     list_points,
     load_learnable_from_stats,
+    token_extremes,
 )
 from qtx.quant.ranges import learnable_init, qparams_from_range
 from qtx.quant.rules import MatchReport, QuantPlan, QuantRule, match_report, rule, rule_from_dict
@@ -28,6 +30,7 @@ __all__ = [
     "POINTS",
     "PRESETS",
     "STATS",
+    "TOKENS",
     "MatchReport",
     "QuantPlan",
     "QuantPoint",
@@ -50,5 +53,6 @@ __all__ = [
     "rule",
     "rule_from_dict",
     "setup_rules",
+    "token_extremes",
     "uniform_quant",
 ]

@@ -111,12 +111,19 @@ def os_fastertransformer(
     accumulate="mean",
     percentile=99.999,
     percentile_of="abs",
+    learn="none",
 ):
     """Outlier Suppression's FasterTransformer placement at W-E-A bits.
 
     With ``act_estimator='percentile'`` the range is the paper's 99.999 % of ``|x|``
     (``percentile_of='abs'``); ``percentile_of='x'`` takes signed 0.001 / 99.999 percentiles.
+    ``learn='lsq+'`` is the paper's QAT baseline: activations LSQ+ (step and offset), weights
+    LSQ (per-channel steps from their min/max), all initialised by calibration.
     """
+    if learn not in ("none", "lsq+"):
+        raise UserError(
+            f"os_fastertransformer option learn={learn!r} is invalid; allowed: none, lsq+."
+        )
     e = w if e is None else e
     act = dict(
         bits=a,
@@ -125,28 +132,16 @@ def os_fastertransformer(
         accumulate=accumulate,
         percentile=percentile,
         percentile_of=percentile_of,
+        learn=learn,
     )
+    wq = dict(scheme="symmetric", granularity="channel", estimator="current_minmax")
+    if learn != "none":
+        wq = dict(wq, estimator="minmax", learn="lsq")
     return (
         rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
         rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
-        rule(
-            r"(^|/)embed/",
-            "weight",
-            "embedding weights",
-            bits=e,
-            scheme="symmetric",
-            granularity="channel",
-            estimator="current_minmax",
-        ),
-        rule(
-            r".",
-            "weight",
-            "linear weights",
-            bits=w,
-            scheme="symmetric",
-            granularity="channel",
-            estimator="current_minmax",
-        ),
+        rule(r"(^|/)embed/", "weight", "embedding weights", bits=e, **wq),
+        rule(r".", "weight", "linear weights", bits=w, **wq),
         rule(
             r"(^|/)attn/softmax$",
             "act",
@@ -155,6 +150,7 @@ def os_fastertransformer(
             scheme="asymmetric",
             estimator="minmax",
             accumulate=accumulate,
+            learn=learn,
         ),
         rule("|".join(OS_ACT_POINTS), "act", "FasterTransformer activations", **act),
         rule(r".", "act", "other activations stay FP", off=True),

@@ -17,10 +17,12 @@ a mode:
 Learnable points always declare ``params/<name>/step`` (and ``offset`` for LSQ+), in every
 mode but ``off``, so the variable tree does not depend on the mode.
 
-Points also answer two questions without touching the data: which points exist
+Points also answer three questions without touching the data: which points exist
 (:func:`list_points`: a pass with the ``quant_points`` collection mutable records every point
-and quantizes nothing) and, for the plan's tracked points, the per-sequence outlier
-statistics (sown into ``intermediates``).
+and quantizes nothing); for the plan's tracked points, the per-sequence outlier statistics
+(sown into ``intermediates``); and, with the ``quant_tokens`` collection mutable, each
+quantized activation's token-wise max and min (:func:`token_extremes`, for token-wise
+clipping), recorded on the point's input in any mode.
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ from qtx.quant.spec import QuantSpec
 STATS = "quant_stats"
 POINTS = "quant_points"
 OBSERVED = "intermediates"
+TOKENS = "quant_tokens"
+
+
+def token_extremes(x, head_axis: int | None = None):
+    """Per-token ``(max, min)`` over the features of an activation, float32 (B, T) or (B,).
+
+    A token is one (batch, position) pair: (B, T, ...) reduces the axes after T; attention
+    maps (B, H, T, S) (``head_axis`` 1) reduce heads and keys; (B, D) gives one value per row.
+    """
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    if x.ndim >= 3 and head_axis == 1:
+        axes = (1,) + tuple(range(3, x.ndim))
+    elif x.ndim >= 3:
+        axes = tuple(range(2, x.ndim))
+    else:
+        axes = (x.ndim - 1,)
+    return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
 
 
 class QuantPoint(nn.Module):
@@ -69,6 +88,11 @@ class QuantPoint(nn.Module):
             self.sow(OBSERVED, "kurtosis", kurtosis_per_sequence(x))
             self.sow(OBSERVED, "inf_norm", inf_norm_per_sequence(x))
         spec, mode = self.plan.resolve(name, self.kind)
+        record = self.kind == "act" and x.ndim >= 2 and self.is_mutable_collection(TOKENS)
+        if spec is not None and record and not self.is_initializing():
+            hi, lo = token_extremes(x, self.head_axis)
+            self.put_variable(TOKENS, "max", hi)
+            self.put_variable(TOKENS, "min", lo)
         if spec is None or mode == "off":
             return x
         return self._quantize(x, spec, mode, name)

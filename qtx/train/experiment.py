@@ -45,6 +45,11 @@ TRAIN_DEFAULTS = dict(
     async_checkpoint=True,
     calib_batches=4,  # QAT: batches that initialise quantizer ranges and LSQ steps
     calib_batch_size=None,  # None: the training batch size
+    # QAT range init: 'calibrate' (the plan's estimators) or 'token_wise_clipping' (Outlier
+    # Suppression: the coarse stage picks the ranges on the output MSE, LSQ+ starts there)
+    qat_init="calibrate",
+    distill=0.0,  # QAT: weight of distillation from the full-precision model (0: off)
+    distill_temperature=1.0,
     tensorboard=True,
     # a checkpoint is skipped while the loss exceeds this factor times max(1, the median loss
     # of the last 100 steps): a diverging run never replaces its last good checkpoint
@@ -56,10 +61,15 @@ EVAL_DEFAULTS = dict(
     calib_batches=16,
     calib_batch_size=32,
     calibration="sequential",  # or 'parallel' (see qtx.quant.QuantPlan)
+    # post-training methods (qtx.methods.outlier_suppression.PTQ_METHODS): every setup is
+    # calibrated with each, in cells named '<setup>/<method>'; () = the setups' own estimators
+    ptq_methods=(),
+    ptq_options={},  # token-wise clipping settings (TWCSettings fields) and 'percentiles'
     dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
     max_batches=None,
     figures=True,
 )
+QAT_INITS = ("calibrate", "token_wise_clipping")
 SECTIONS = ("task", "model", "data", "optim", "train", "quant", "eval", "mesh", "init_from")
 
 
@@ -98,6 +108,15 @@ class Experiment:
     @property
     def family(self) -> str:
         return self.model.family
+
+    def eval_cells(self) -> list[tuple[str, str, str | None]]:
+        """``[(name, setup, method)]``: every setup, times every PTQ method when set."""
+        methods = tuple(self.eval["ptq_methods"] or ())
+        if not methods:
+            return [(name, setup, None) for name, setup in self.eval_setups().items()]
+        return [
+            (f"{name}/{m}", setup, m) for name, setup in self.eval_setups().items() for m in methods
+        ]
 
     def eval_setups(self) -> dict[str, str]:
         """``{display name: setup string}`` of the quantized evaluations."""
@@ -148,6 +167,30 @@ def load(config) -> Experiment:
     for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "calib_batches"):
         if int(train[f]) < 1:
             raise UserError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
+    if train["qat_init"] not in QAT_INITS:
+        raise UserError(
+            f"config.train.qat_init={train['qat_init']!r} is invalid; allowed: "
+            f"{', '.join(QAT_INITS)}."
+        )
+    for f in ("distill", "distill_temperature"):
+        v = train[f]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or v < 0
+            or (f == "distill_temperature" and v == 0)
+        ):
+            allowed = "a number >= 0" if f == "distill" else "a number > 0"
+            raise UserError(f"config.train.{f}={v!r} is invalid; allowed: {allowed}.")
+    qat = plan.mode == "learn" or any(
+        r.spec is not None and r.spec.mode == "learn" for r in plan.rules
+    )
+    if (train["distill"] or train["qat_init"] != "calibrate") and not qat:
+        raise UserError(
+            "config.train.distill and config.train.qat_init apply to quantization-aware "
+            "training; allowed: config.quant.mode='learn' with them, or distill=0 and "
+            "qat_init='calibrate'."
+        )
     factor = train["sane_loss_factor"]
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
         raise UserError(
@@ -187,15 +230,41 @@ def load(config) -> Experiment:
         str(raw.get("init_from") or ""),
         raw,
     )
-    for label, setup in exp.eval_setups().items():
-        try:
-            setup_rules(setup, **dict(ev["options"] or {}))
-        except (ValueError, TypeError) as e:
-            raise UserError(f"config.eval.setups[{label!r}]: {e}") from None
+    for f in ("calib_batches", "calib_batch_size"):
+        if isinstance(ev[f], bool) or not isinstance(ev[f], int) or ev[f] < 1:
+            raise UserError(f"config.eval.{f}={ev[f]!r} is invalid; allowed: an integer >= 1.")
+    _check_ptq(exp)
     bad_mesh = sorted(set(exp.mesh) - set(AXES))
     if bad_mesh:
         raise UserError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
     return exp
+
+
+def _check_ptq(exp: Experiment) -> None:
+    """Every eval setup, with every PTQ method, builds its rules (no compute)."""
+    from qtx.methods.outlier_suppression import PTQ_METHODS, method_rules, method_settings
+
+    ev = exp.eval
+    methods = ev["ptq_methods"] or ()
+    if isinstance(methods, str):
+        raise UserError(
+            f"config.eval.ptq_methods={methods!r} is invalid; allowed: a tuple of "
+            f"{', '.join(PTQ_METHODS)}."
+        )
+    method_settings(ev["ptq_options"])
+    for label, setup in exp.eval_setups().items():
+        try:
+            setup_rules(setup, **dict(ev["options"] or {}))
+            for m in methods:
+                method_rules(setup, m, ev["options"])
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config.eval.setups[{label!r}]: {e}") from None
+    if any(m in ("gamma_migration", "outlier_suppression") for m in methods):
+        if exp.model.gamma_migrated:
+            raise UserError(
+                "config.model.gamma_migrated=True cannot be migrated again by a PTQ method; "
+                "allowed: gamma_migrated=False with the gamma-migration methods."
+            )
 
 
 def default_workdir(config_path: str) -> str:

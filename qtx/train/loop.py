@@ -15,13 +15,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qtx import quant
 from qtx.data import make_pipeline
 from qtx.data.availability import missing_resources
 from qtx.data.config import resolve_spec
 from qtx.errors import MissingResources, UserError
-from qtx.evaluate.metrics import run_eval
+from qtx.evaluate.metrics import glue_task_of, run_eval
 from qtx.models import build, dummy_inputs
 from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
@@ -38,8 +39,8 @@ from qtx.train.mesh import (
 from qtx.train.metrics import MetricWriter
 from qtx.train.optim import make_optimizer
 from qtx.train.preemption import StopOnSignal
-from qtx.train.pretrained import load_pretrained, merge_pretrained
-from qtx.train.steps import TrainState, make_eval_step, make_train_step
+from qtx.train.pretrained import load_pretrained, merge_pretrained, source_gamma_migrated
+from qtx.train.steps import TEACHER, TrainState, make_eval_step, make_train_step
 
 
 def model_meta(exp: experiment_lib.Experiment) -> dict:
@@ -174,18 +175,44 @@ def train(config, workdir: str, devices=None) -> dict:
         if exp.init_from:
             loaded = load_pretrained(exp.init_from, cfg)
             variables["params"] = merge_pretrained(variables["params"], loaded)
+            if cfg.gamma_migrated and not source_gamma_migrated(exp.init_from):
+                from qtx.methods.outlier_suppression import migrate_gamma
+
+                say("gamma migration: LayerNorm gammas moved into the following weights")
+                variables["params"] = migrate_gamma(
+                    cfg.replace(gamma_migrated=False), {"params": variables["params"]}
+                )[1]["params"]
+        teacher = jax.tree.map(np.array, variables["params"]) if tr["distill"] else None
         if needs_calibration(plan):
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
             calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
             variables = fetch(calibrated_variables(cfg, plan, variables, calib, cfg.family))
+            if tr["qat_init"] == "token_wise_clipping":
+                from qtx.methods.outlier_suppression.token_wise_clipping import qat_init
+
+                variables, info = qat_init(cfg, plan, variables, calib)
+                variables = fetch(variables)
+                say(f"token-wise clipping: alpha {info['alpha']:.2f} over {info['points']} points")
+        if teacher is not None:
+            variables[TEACHER] = teacher
         params = variables.pop("params")
         state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
         sharding = tree_shardings(mesh, jax.eval_shape(lambda: state))
         state = jax.device_put(state, sharding)
     report_points(model, {"params": state.params, **state.extra}, inputs, plan)
 
+    distill = None
+    if tr["distill"]:
+        distill = (build(cfg, quant.QuantPlan()), float(tr["distill"]), tr["distill_temperature"])
     train_step = make_train_step(
-        model, cfg.family, exp.task, tx, schedule, base_rng, int(exp.optim["grad_accum"])
+        model,
+        cfg.family,
+        exp.task,
+        tx,
+        schedule,
+        base_rng,
+        int(exp.optim["grad_accum"]),
+        distill=distill,
     )
     p_train = jax.jit(
         train_step,
@@ -213,6 +240,7 @@ def train(config, workdir: str, devices=None) -> dict:
             pipe.eval_batches(tr["max_eval_batches"]),
             exp.task,
             to_device=lambda b: global_batch(mesh, b),
+            glue_task=glue_task_of(exp),
         )
         return writer.write(step, "eval", res)
 

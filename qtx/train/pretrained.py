@@ -11,6 +11,7 @@ mismatch is an error naming the keys: nothing is silently re-initialised.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -109,3 +110,16 @@ def load_pretrained(path: str, cfg: ModelConfig):
         f"config.init_from={path!r} holds neither checkpoints/ (qtx) nor "
         "config.json + model.safetensors / pytorch_model.bin (Hugging Face)."
     )
+
+
+def source_gamma_migrated(path: str) -> bool:
+    """Whether ``config.init_from`` holds gamma-migrated parameters (a qtx workdir trained with
+    ``config.model.gamma_migrated=True``); Hugging Face checkpoints never do."""
+    if is_hf_dir(path):
+        return False
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return bool(((raw.get("model") or {}) if isinstance(raw, dict) else {}).get("gamma_migrated"))

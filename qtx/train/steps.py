@@ -35,6 +35,29 @@ def create_state(params, tx: optax.GradientTransformation, extra=None) -> TrainS
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), extra or {})
 
 
+TEACHER = "teacher"  # the collection of ``TrainState.extra`` holding the frozen teacher params
+
+
+def distillation_loss(student, teacher, batch: dict, temperature: float):
+    """Knowledge distillation from ``teacher`` logits, a scalar.
+
+    Classes: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over examples (masked by
+    ``example_mask``) or real tokens (``attention_mask``, for (B, T, V) logits); one output
+    (regression): the mean squared difference.
+    """
+    s = student.astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    if s.shape[-1] == 1:
+        per = jnp.square(s - t)[..., 0]
+    else:
+        log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
+        log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
+        per = temperature**2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    w = batch.get("attention_mask") if per.ndim == 2 else batch.get("example_mask")
+    w = jnp.ones(per.shape, jnp.float32) if w is None else w.astype(jnp.float32)
+    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def _forward_loss(
     model: nn.Module,
     family: str,
@@ -45,17 +68,25 @@ def _forward_loss(
     rng,
     deterministic: bool,
     aux: Callable | None,
+    distill: tuple | None = None,
 ):
     inputs = model_inputs(family, batch)
+    own = {k: v for k, v in extra.items() if k != TEACHER}
     out = model.apply(
-        {"params": params, **extra},
+        {"params": params, **own},
         **inputs,
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
     )
     loss_sum, count, metrics = task_loss(task, out["logits"], batch)
     loss = loss_sum / jnp.maximum(count, 1.0)
-    if aux is not None:  # extra loss terms (regularisers, distillation) of a method
+    if distill is not None:  # (teacher model, weight, temperature); params in extra[TEACHER]
+        teacher, weight, temperature = distill
+        t_logits = teacher.apply({"params": extra[TEACHER]}, **inputs)["logits"]
+        kd = distillation_loss(out["logits"], t_logits, batch, temperature)
+        loss = loss + weight * kd
+        metrics = {**metrics, "distill": kd}
+    if aux is not None:  # extra loss terms (regularisers) of a method
         extra_loss, extra_metrics = aux(params, out, batch, rng)
         loss = loss + extra_loss
         metrics = {**metrics, **extra_metrics}
@@ -71,12 +102,15 @@ def make_train_step(
     base_rng,
     grad_accum: int = 1,
     aux: Callable | None = None,
+    distill: tuple | None = None,
 ):
     """Builds the pure ``train_step(state, batch)``; ``aux(params, out, batch, rng) ->
-    (loss, metrics)`` adds a method's loss terms."""
+    (loss, metrics)`` adds a method's loss terms; ``distill = (teacher model, weight,
+    temperature)`` adds ``weight * distillation_loss`` against the teacher whose parameters
+    are ``state.extra['teacher']`` (its ``distill`` metric is summed over micro-batches)."""
 
     def loss_of(params, extra, batch, rng):
-        return _forward_loss(model, family, task, params, extra, batch, rng, False, aux)
+        return _forward_loss(model, family, task, params, extra, batch, rng, False, aux, distill)
 
     def grads_of(params, extra, batch, rng):
         fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -128,13 +162,24 @@ def make_train_step(
 
 def make_eval_step(model: nn.Module, family: str, task: str, collections=("intermediates",)):
     """``eval_step(variables, batch) -> (metrics, collected)``: summed loss / count / correct
-    of one batch and the sown collections (outlier statistics) as a dict."""
+    of one batch (for ``classification`` also the per-example ``pred``, ``label`` and
+    ``weight``) and the sown collections (outlier statistics) as a dict."""
 
     def eval_step(variables, batch):
+        variables = {k: v for k, v in variables.items() if k != TEACHER}
         out, collected = model.apply(
             variables, **model_inputs(family, batch), mutable=list(collections)
         )
-        loss_sum, count, metrics = task_loss(task, out["logits"], batch)
+        logits = out["logits"]
+        loss_sum, count, metrics = task_loss(task, logits, batch)
+        if task == "classification":  # per-example predictions for the GLUE scores
+            w = batch.get("example_mask")
+            metrics = {
+                **metrics,
+                "pred": logits[:, 0] if logits.shape[-1] == 1 else jnp.argmax(logits, -1),
+                "label": batch["label"],
+                "weight": jnp.ones(logits.shape[:1]) if w is None else w,
+            }
         return {"loss_sum": loss_sum, "count": count, **metrics}, dict(collected)
 
     return eval_step

@@ -1,0 +1,34 @@
+"""Outlier Suppression's quantization-aware training of a GLUE BERT at W-E-A 4-4-4.
+
+The paper's method: gamma migration (``config.model.gamma_migrated``), LSQ+ quantizers in the
+FasterTransformer placement (``os_fastertransformer`` with ``learn='lsq+'``) whose activation
+ranges start from the coarse token-wise clipping stage (``config.train.qat_init``), weights
+and ranges trained jointly; ``--config.train.distill=1.0`` adds distillation from the
+full-precision model. Start from the FP fine-tuned model of ``configs/bert_glue_os.py``:
+
+    python train.py --config=configs/bert_glue_os_qat.py:sst2 \\
+        --config.init_from=runs/os_sst2 --workdir=runs/os_qat_sst2 --config.train.distill=1.0
+    python eval.py  --config=configs/bert_glue_os_qat.py:sst2 --workdir=runs/os_qat_sst2
+
+The LSQ+ baseline: ``--config.model.gamma_migrated=False --config.train.qat_init=calibrate``.
+
+Expected (paper, BERT-base GLUE average at 4-4-4): LSQ+ 71.49, the method 81.13, with
+distillation 83.56 (FP 83.83).
+
+Offline on a 2-core CPU, MiniLM on SST-2 (``init_from`` defaults to the pretrained MiniLM;
+give the fine-tuned ``runs/os_tiny`` of ``configs/bert_glue_os.py:tiny`` to start as the
+paper does, which distillation needs):
+
+    python train.py --config=configs/bert_glue_os_qat.py:tiny --workdir=runs/os_qat_tiny \\
+        --config.init_from=runs/os_tiny --config.train.distill=1.0
+    python eval.py  --config=configs/bert_glue_os_qat.py:tiny --workdir=runs/os_qat_tiny
+
+Where it differs from the paper: the QAT learning rate and steps are ours (the paper's QAT
+code is not released); distillation is the temperature-scaled KL on the logits.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    return common.bert_glue_os_qat(arg)

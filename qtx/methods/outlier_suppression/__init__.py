@@ -1,0 +1,49 @@
+"""Outlier Suppression (Wei et al., NeurIPS 2022), the whole paper in one place.
+
+* :mod:`.gamma_migration`: the LayerNorm gamma moves into the weights that read the LN (and
+  the post-LN shortcut); an exact reparametrisation that removes gamma's amplification of
+  outliers from what the activation quantizers see.
+* :mod:`.token_wise_clipping`: activation ranges chosen on the model's output error, a coarse
+  quantile search over token-wise extremes, then LSQ+ fine-tuning of the ranges.
+* :mod:`.ptq`: the paper's post-training methods and baselines (MinMax, Percentile, OMSE,
+  gamma migration, token-wise clipping, both), used by ``eval.py`` through
+  ``config.eval.ptq_methods``.
+
+The quantizer placement is the ``os_fastertransformer`` preset (``qtx.quant.presets``).
+"""
+
+from qtx.methods.outlier_suppression.gamma_migration import (
+    migrate_gamma,
+    migration_map,
+    zero_gamma_channels,
+)
+from qtx.methods.outlier_suppression.ptq import (
+    PTQ_METHODS,
+    Calibrated,
+    calibrate_method,
+    method_rules,
+    method_settings,
+)
+from qtx.methods.outlier_suppression.token_wise_clipping import (
+    TWCSettings,
+    alpha_grid,
+    clip_range,
+    coarse_search,
+    fine_tune,
+)
+
+__all__ = [
+    "PTQ_METHODS",
+    "Calibrated",
+    "TWCSettings",
+    "alpha_grid",
+    "calibrate_method",
+    "clip_range",
+    "coarse_search",
+    "fine_tune",
+    "method_rules",
+    "method_settings",
+    "migrate_gamma",
+    "migration_map",
+    "zero_gamma_channels",
+]
