@@ -49,10 +49,9 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
 
         params = hf.pretrained_params(hf_checkpoint, cfg)
         if cfg.gamma_migrated:  # HF checkpoints hold the original LayerNorms
-            from qtx.methods.outlier_suppression import migrate_gamma
+            from qtx.methods.outlier_suppression import migrate_params_for
 
-            params = migrate_gamma(cfg.replace(gamma_migrated=False), {"params": params})[1]
-            params = params["params"]
+            params = migrate_params_for(cfg, params)
         return 0, jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params))), {}
     ck = Checkpointer(workdir, async_save=False)
     model = build(cfg, exp.plan.with_mode("off"))

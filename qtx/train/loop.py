@@ -176,12 +176,10 @@ def train(config, workdir: str, devices=None) -> dict:
             loaded = load_pretrained(exp.init_from, cfg)
             variables["params"] = merge_pretrained(variables["params"], loaded)
             if cfg.gamma_migrated and not source_gamma_migrated(exp.init_from):
-                from qtx.methods.outlier_suppression import migrate_gamma
+                from qtx.methods.outlier_suppression import migrate_params_for
 
                 say("gamma migration: LayerNorm gammas moved into the following weights")
-                variables["params"] = migrate_gamma(
-                    cfg.replace(gamma_migrated=False), {"params": variables["params"]}
-                )[1]["params"]
+                variables["params"] = migrate_params_for(cfg, variables["params"])
         teacher = jax.tree.map(np.array, variables["params"]) if tr["distill"] else None
         if needs_calibration(plan):
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size

@@ -14,6 +14,7 @@ The quantizer placement is the ``os_fastertransformer`` preset (``qtx.quant.pres
 
 from qtx.methods.outlier_suppression.gamma_migration import (
     migrate_gamma,
+    migrate_params_for,
     migration_map,
     zero_gamma_channels,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "method_rules",
     "method_settings",
     "migrate_gamma",
+    "migrate_params_for",
     "migration_map",
     "zero_gamma_channels",
 ]

@@ -121,6 +121,13 @@ def migrate_gamma(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]
     return cfg.replace(gamma_migrated=True), {"params": unflatten_dict(flat)}
 
 
+def migrate_params_for(cfg: ModelConfig, params):
+    """Parameters of the original model (an HF checkpoint, an unmigrated run) made to fit
+    ``cfg``, a config with ``gamma_migrated=True``: ``migrate_gamma`` of the unmigrated twin."""
+    unmigrated = cfg.replace(gamma_migrated=False)
+    return migrate_gamma(unmigrated, {"params": params})[1]["params"]
+
+
 def zero_gamma_channels(cfg: ModelConfig, params) -> dict[str, int]:
     """``{LayerNorm path: number of channels with gamma exactly 0}`` among migrated LNs."""
     flat = flatten_dict(params)
