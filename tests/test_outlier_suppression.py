@@ -293,6 +293,49 @@ def test_fine_stage_lowers_the_output_error(twc_model):
     )
 
 
+def test_length_buckets_keep_every_sample_and_the_objective(twc_model):
+    """Regrouping by length drops only trailing padding: the same samples (ids, labels, real
+    tokens), shorter batches, and the same output MSE and token extremes as the originals."""
+    from qtx.methods.outlier_suppression.token_wise_clipping import (
+        collect_token_extremes,
+        length_buckets,
+    )
+
+    params, _, plan = twc_model
+    r = np.random.default_rng(7)
+    calib = []
+    for _ in range(3):
+        b = text_batch(int(r.integers(100)), b=4, t=32)
+        lengths = r.integers(2, 33, size=4)
+        lengths[0] = r.integers(2, 12)
+        b["attention_mask"] = jnp.asarray(np.arange(32)[None] < lengths[:, None], jnp.int32)
+        b["label"] = jnp.asarray(r.integers(0, 3, size=4), jnp.int32)
+        calib.append(b)
+    buckets = length_buckets(calib, multiple=8)
+    assert len(buckets) == 3 and min(b["input_ids"].shape[1] for b in buckets) < 32
+
+    def samples(batches):
+        out = []
+        for b in batches:
+            for i in range(len(b["label"])):
+                n = int(np.asarray(b["attention_mask"][i]).sum())
+                out.append((tuple(np.asarray(b["input_ids"][i, :n])), int(b["label"][i])))
+        return sorted(out)
+
+    assert samples(buckets) == samples(calib)
+    variables = calibrate_setup(TWC_CFG, plan, params, calib)
+    original = make_error_fn(TWC_CFG, plan, Reference(TWC_CFG, params, calib))(variables, calib)
+    regrouped = make_error_fn(TWC_CFG, plan, Reference(TWC_CFG, params, buckets))(
+        variables, buckets
+    )
+    assert regrouped == pytest.approx(original, rel=1e-4)
+    a = collect_token_extremes(TWC_CFG, plan, params, calib)
+    b = collect_token_extremes(TWC_CFG, plan, params, buckets)
+    for name in a:
+        for i in (0, 1):
+            np.testing.assert_allclose(np.sort(a[name][i]), np.sort(b[name][i]), rtol=1e-4)
+
+
 def test_every_ptq_method_runs_and_reports_its_time(twc_model):
     """Each method calibrates, evaluates and reports seconds; gamma migration changes nothing
     in full precision, so only quantization separates gamma_migration from minmax."""
@@ -316,6 +359,54 @@ def test_every_ptq_method_runs_and_reports_its_time(twc_model):
     assert seen["percentile"][1]["percentile"] in (99.0, 99.9)
     assert {"coarse", "fine"} <= set(seen["outlier_suppression"][1])
     assert seen["gamma_migration"][0] != seen["minmax"][0]
+
+
+def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
+    """The returned quantizers are the fine stage's only when its output error is below the
+    coarse stage's; otherwise (no fine epochs, or no gain) the coarse ranges come back."""
+    from qtx.methods.outlier_suppression import calibrate_method
+    from qtx.methods.outlier_suppression.token_wise_clipping import length_buckets
+
+    params, calib, _ = twc_model
+    ref = Reference(TWC_CFG, params, length_buckets(calib))
+    kept = []
+    for lr, epochs in ((1e-3, 0), (1.0, 1), (1e-3, 8)):
+        opts = {"num_alphas": 4, "alpha_step": 0.05, "fine_lr": lr, "fine_epochs": epochs}
+        (c,) = calibrate_method(
+            "token_wise_clipping", TWC_CFG, SETUP4, params, calib, ptq_options=opts
+        )
+        coarse, fine = c.info["coarse"]["output_mse"], c.info["fine"]
+        after = fine.get("output_mse_after", float("inf"))
+        assert fine["kept"] is (after < coarse), fine
+        final = make_error_fn(TWC_CFG, c.plan, ref)(c.variables, length_buckets(calib))
+        assert final == pytest.approx(min(coarse, after), rel=1e-5)
+        kept.append(fine["kept"])
+    assert kept[0] is False and kept[2] is True  # no fine epochs; 8 epochs that improve
+
+    # a fine stage that ends worse (its steps scaled x4 after training) is dropped
+    from qtx.methods.outlier_suppression import ptq as ptq_module
+
+    real = ptq_module.fine_tune
+
+    def worse(cfg, plan, variables, batches, ref, settings):
+        fplan, fvars, info = real(cfg, plan, variables, batches, ref, settings)
+        flat = {
+            k: (v * 4.0 if k[-1] == "step" else v) for k, v in flatten_dict(fvars["params"]).items()
+        }
+        fvars = {**fvars, "params": unflatten_dict(flat)}
+        info["output_mse_after"] = make_error_fn(cfg, fplan, ref)(fvars, batches)
+        return fplan, fvars, info
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ptq_module, "fine_tune", worse)
+        opts = {"num_alphas": 4, "alpha_step": 0.05, "fine_lr": 1e-3, "fine_epochs": 1}
+        (c,) = calibrate_method(
+            "token_wise_clipping", TWC_CFG, SETUP4, params, calib, ptq_options=opts
+        )
+    coarse, fine = c.info["coarse"]["output_mse"], c.info["fine"]
+    assert fine["output_mse_after"] > coarse and fine["kept"] is False
+    final = make_error_fn(TWC_CFG, c.plan, ref)(c.variables, length_buckets(calib))
+    assert final == pytest.approx(coarse, rel=1e-5)
 
 
 @pytest.mark.parametrize(

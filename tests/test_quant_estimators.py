@@ -51,6 +51,23 @@ def test_percentile_matches_numpy():
     np.testing.assert_allclose(hi[0], np.percentile(X, 99.0, axis=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("q", [0.0, 0.001, 12.5, 50.0, 99.9, 99.999, 100.0])
+def test_percentile_selection_is_exact(q):
+    """The radix-select percentile equals numpy's, with ties, signed zeros and negatives, and
+    with an index that float32 cannot hold (n - 1 = 2^24 + 2)."""
+    from qtx.quant.estimators import _percentile_last
+
+    rng = np.random.default_rng(3)
+    ties = np.round(rng.normal(size=(3, 1001)) * 3).astype(np.float32)
+    ties[0, :5] = -0.0
+    got = np.asarray(_percentile_last(jnp.asarray(ties), q))
+    np.testing.assert_allclose(got, np.percentile(ties, q, axis=-1), rtol=1e-6, atol=1e-6)
+    if q in (99.9, 50.0):
+        big = rng.standard_t(3, size=(2**24 + 3,)).astype(np.float32)
+        got = float(_percentile_last(jnp.asarray(big), q))
+        assert got == pytest.approx(float(np.percentile(big.astype(np.float64), q)), rel=1e-6)
+
+
 def test_mean_std():
     lo, hi = run(QuantSpec(estimator="mean_std", k_sigma=2.5))
     np.testing.assert_allclose(hi, X.mean() + 2.5 * X.std(), rtol=1e-5)

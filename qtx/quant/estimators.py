@@ -42,17 +42,60 @@ def _restore(r, x, view: View):
     return r.reshape(shape)
 
 
+def _order_keys(x):
+    """uint32 keys whose unsigned order is the float order of ``x`` (sign-magnitude flip)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31).astype(bool)
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _order_statistics(flat, k: int):
+    """``(x_(k), x_(k+1))``, the k-th and next smallest along the last axis (0-indexed).
+
+    Exact radix select: 32 counting passes find the largest key ``K`` with
+    ``#{key < K} <= k``, which is the k-th smallest key. Each pass is one fused compare-and-sum,
+    so it costs O(32 n) with no sort (a sort of the 3M values of a BERT FFN activation is ~15x
+    slower on CPU).
+    """
+    key = _order_keys(flat)
+
+    def bit(i, kth):
+        trial = kth | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        below = jnp.sum(key < trial[..., None], axis=-1)
+        return jnp.where(below <= k, trial, kth)
+
+    kth = jax.lax.fori_loop(0, 32, bit, jnp.zeros(flat.shape[:-1], jnp.uint32))[..., None]
+    inf = jnp.asarray(jnp.inf, flat.dtype)
+    x_k = jnp.min(jnp.where(key >= kth, flat, inf), axis=-1)
+    after = jnp.min(jnp.where(key > kth, flat, inf), axis=-1)
+    tied = jnp.sum(key <= kth, axis=-1) >= k + 2
+    return x_k, jnp.where(tied, x_k, after)
+
+
+def _percentile_last(flat, q: float):
+    """``numpy.percentile(flat, q, axis=-1)`` with linear interpolation. The index
+    ``q/100 (n-1)`` is placed in float64 (``n`` and ``q`` are static), so it stays exact for
+    millions of values."""
+    n = flat.shape[-1]
+    index = q / 100.0 * (n - 1)
+    k = min(int(math.floor(index)), n - 1)
+    x_k, x_next = _order_statistics(flat, k)
+    if k == n - 1:
+        return x_k
+    return x_k + (x_next - x_k) * jnp.asarray(index - k, flat.dtype)
+
+
 def percentile(x, view: View, spec: QuantSpec):
     """``(P_{100-p}(x), P_p(x))``, or with ``percentile_of='abs'`` ``t = P_p(|x|)`` and
     ``(max(min x, -t), min(max x, t))``; linear interpolation, as ``numpy.percentile``."""
     flat = _flatten_reduced(x, view)
     if spec.percentile_of == "abs":
-        t = jnp.percentile(jnp.abs(flat), spec.percentile, axis=-1)
+        t = _percentile_last(jnp.abs(flat), spec.percentile)
         lo = jnp.maximum(jnp.min(flat, axis=-1), -t)
         hi = jnp.minimum(jnp.max(flat, axis=-1), t)
     else:
-        lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
-        hi = jnp.percentile(flat, spec.percentile, axis=-1)
+        lo = _percentile_last(flat, 100.0 - spec.percentile)
+        hi = _percentile_last(flat, spec.percentile)
     return _restore(lo, x, view), _restore(hi, x, view)
 
 

@@ -18,6 +18,7 @@ its calibration took (compilation included); the caller evaluates them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -32,6 +33,7 @@ from qtx.methods.outlier_suppression.token_wise_clipping import (
     activation_bits,
     coarse_search,
     fine_tune,
+    length_buckets,
 )
 from qtx.models import ModelConfig
 
@@ -130,15 +132,24 @@ def calibrate_method(
             search_plan = plan
             if not settings.quantize_weights:
                 search_plan = plan.prepend((quant.rule(".", "weight", off=True),))
-            ref = Reference(qcfg, variables["params"], calib)
+            search = length_buckets(calib)
+            ref = Reference(qcfg, variables["params"], search)
             bits = activation_bits(plan)
             variables, info["coarse"] = coarse_search(
-                qcfg, search_plan, variables, calib, ref, bits, settings
+                qcfg, search_plan, variables, search, ref, bits, settings
             )
-            fine_plan, variables, info["fine"] = fine_tune(
-                qcfg, search_plan, variables, calib, ref, settings
+            fine_plan, fine_vars, info["fine"] = fine_tune(
+                qcfg, search_plan, variables, search, ref, settings
             )
-            plan = fine_plan if settings.quantize_weights else _with_weights(fine_plan, plan)
+            # The learnable quantizers start equal to the coarse ones up to float rounding
+            # (x + z s)/s vs x/s + z, which flips a few elements at rounding boundaries; keep
+            # the coarse stage when the fine one ends no better (as at 8 bits, where the
+            # objective is that noisy).
+            fine_mse = info["fine"].get("output_mse_after", math.inf)
+            info["fine"]["kept"] = fine_mse < info["coarse"]["output_mse"]
+            if info["fine"]["kept"]:
+                variables = fine_vars
+                plan = fine_plan if settings.quantize_weights else _with_weights(fine_plan, plan)
             _ready(variables)
         yield Calibrated(qcfg, plan, variables, time.perf_counter() - t0, info)
 

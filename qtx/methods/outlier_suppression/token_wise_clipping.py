@@ -106,6 +106,45 @@ def clip_range(tmax, tmin, alpha):
     return lower, upper
 
 
+def length_buckets(batches: Sequence[dict], multiple: int = 16) -> list[dict]:
+    """The calibration samples regrouped by length, for the search objective.
+
+    Every sample is kept; they are sorted by the position after their last real token, cut
+    into batches of the original size, and each batch is trimmed to its longest sample
+    (rounded up to ``multiple``). Only trailing padding is removed, which the model ignores
+    (masked keys, masked output error; positions are unchanged), so the output MSE summed over
+    the samples, the token extremes and the FP outputs are those of the original batches, with
+    less compute (short sentences pad to the sequence length otherwise). Batches without an
+    ``attention_mask``, of unequal shapes, or spread over several processes are returned as
+    they are.
+    """
+    batches = list(batches)
+    if not batches or any("attention_mask" not in b for b in batches):
+        return batches
+    if any(not getattr(v, "is_fully_addressable", True) for b in batches for v in b.values()):
+        return batches
+    host = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+    shapes = {k: {b[k].shape for b in host} for k in host[0]}
+    if any(len(v) != 1 for v in shapes.values()) or any(set(b) != set(host[0]) for b in host):
+        return batches
+    size, t = host[0]["attention_mask"].shape
+    merged = {k: np.concatenate([b[k] for b in host]) for k in host[0]}
+    real = merged["attention_mask"] != 0
+    end = np.where(real.any(1), t - np.argmax(real[:, ::-1], axis=1), 0)
+    order = np.argsort(end, kind="stable")
+    out = []
+    for lo in range(0, len(order), size):
+        rows = order[lo : lo + size]
+        keep = min(t, -(-max(int(end[rows].max()), 1) // multiple) * multiple)
+        out.append(
+            {
+                k: jnp.asarray(v[rows][:, :keep] if v.ndim >= 2 and v.shape[1] == t else v[rows])
+                for k, v in merged.items()
+            }
+        )
+    return out
+
+
 def output_error(out, ref, batch):
     """``(sum of squared errors, count)`` of logits ``out`` against ``ref``; token outputs
     (B, T, V) count real tokens only (``attention_mask``)."""
@@ -333,6 +372,7 @@ def qat_init(
     steps + ``quant_stats``) on the output MSE, and every learnable activation quantizer starts
     on its range. Returns ``(variables, coarse info)``."""
     fixed = frozen_plan(plan).with_mode("quantize")
+    batches = length_buckets(batches)
     ref = Reference(cfg, variables["params"], batches)
     best, info = coarse_search(
         cfg, fixed, variables, batches, ref, activation_bits(fixed), settings
