@@ -69,6 +69,7 @@ NONE_FIELD_TYPES = {
     "data.crop_pct": float,
     "data.hflip": bool,
     "data.glue_max_len": int,
+    "data.holdout": int,
     "train.max_eval_batches": int,
     "train.calib_batch_size": int,
     "quant.bits": str,
@@ -441,3 +442,61 @@ def bert_glue_os_qat(arg: str | None) -> ml_collections.ConfigDict:
         c.optim.update(lr=1e-4, warmup_steps=30)
         c.train.update(steps=300, log_every=50, checkpoint_every=300)
     return c
+
+
+QV_BITS = ("W4A4", "W3A3", "W2A2")
+
+
+def deit_qv(size: str, arg: str | None) -> ml_collections.ConfigDict:
+    """Quantization Variation's QAT of DeiT-{T,S,B} on ImageNet-1K (REFERENCE.md §3).
+
+    ``arg``: ``W4A4`` (default), ``W3A3`` or ``W2A2``, optionally followed by ``,tiny``
+    (ViT-tiny on MNIST from the FP run of ``vit_s16_vanilla.py:tiny``). The recipe: start from
+    the FP checkpoint (``config.init_from``); module-dependent LSQ (``qv_lsq``); AdamW lr 5e-4,
+    no warmup, cosine to 0, weight decay 1e-4, drop path 0.1; 150 epochs counted FKD-style
+    with batch 1024 = 256 images x 4 random-resized crops (``repeated_aug=4``); soft
+    cross-entropy distillation from the teacher, no hard labels; OBR to lambda 0.01 from 25 %
+    of training; oscillation tracking.
+    """
+    name = f"deit_{size[-1]}"
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    bits = next((p for p in parts if p in QV_BITS), "W4A4")
+    tiny = "tiny" in parts
+    if any(p not in (*QV_BITS, "tiny") for p in parts) or len(parts) > 2:
+        raise UserError(
+            f"config arg {arg!r} of {name} is invalid; allowed: one of {', '.join(QV_BITS)}, "
+            "optionally followed by ',tiny' (e.g. 'W2A2,tiny')."
+        )
+    c = vit_image("vanilla", "tiny" if tiny else None, size=size)
+    c.quant.update(preset="qv_lsq", bits=bits, mode="learn")
+    c.data.update(
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        label_smoothing=0.0,
+        random_erase=0.0,
+        randaugment="",
+        repeated_aug=4,
+    )
+    c.optim.update(
+        lr=5e-4, warmup_steps=0, schedule="cosine", weight_decay=1e-4, decay_ln_gamma=False
+    )
+    c.train.update(
+        distill=1.0,
+        distill_loss="soft_ce",
+        task_loss_weight=0.0,
+        obr=0.01,
+        obr_start=0.25,
+        track_oscillation=True,
+        calib_batches=1,
+    )
+    c.eval.update(setups=())
+    if tiny:
+        c.init_from = "runs/vit_s16_vanilla_tiny"
+        c.data.update(crop_scale=(0.5, 1.0), holdout=3000, max_eval_batches=None)
+        c.optim.update(lr=5e-4)
+        c.train.update(steps=600, checkpoint_every=300, max_eval_batches=None)
+    else:
+        epoch = 1_281_167 // 1024
+        c.data.update(batch_size=1024)
+        c.train.update(steps=150 * epoch, eval_every=5 * epoch, checkpoint_every=epoch)
+    return overridable(c)

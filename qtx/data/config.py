@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "randaugment": "",
     "repeated_aug": 1,
     "glue_max_len": None,
+    "holdout": None,
 }
 
 
@@ -100,6 +101,7 @@ class DataSpec:
     randaugment: str
     repeated_aug: int
     glue_max_len: int | None
+    holdout: int | None
     process_index: int
     process_count: int
 
@@ -237,6 +239,13 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
     if cfg["hflip"] is not None and not isinstance(cfg["hflip"], bool):
         _fail("hflip", "True, False or None (the dataset default)", cfg["hflip"])
     randaugment.parse(cfg["randaugment"])  # raises naming config.data.randaugment
+    holdout = _int(cfg, "holdout", 1, optional=True)
+    if holdout is not None and not (set(sources) & {"digits", "mnist_local"}):
+        _fail(
+            "holdout",
+            "None for a source with its own eval split (digits/mnist_local only)",
+            holdout,
+        )
 
     return DataSpec(
         task=task,
@@ -266,6 +275,7 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         randaugment=cfg["randaugment"] or "",
         repeated_aug=_int(cfg, "repeated_aug", 1),
         glue_max_len=_int(cfg, "glue_max_len", 8, optional=True),
+        holdout=holdout,
         process_index=process_index,
         process_count=process_count,
     )

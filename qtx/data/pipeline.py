@@ -72,7 +72,12 @@ randaugment       ''                    RandAugment spec, '' = off; 'rand-' + se
                                         ``qtx.data.randaugment``).
 repeated_aug      1                     copies of each image per epoch, each augmented
                                         independently; epochs keep N // B steps (DeiT: 3).
+                                        It is also Quantization Variation's multi-crop:
+                                        with a crop_scale, 4 gives 4 random-resized crops
+                                        of each image in the same batch.
 glue_max_len      None                  GLUE row length (None: seq_len).
+holdout           None                  digits / mnist_local: the number of last images
+                                        held out for evaluation (None: 297 / 1000).
 ================= ===================== ==================================================
 
 Source details live in ``text_sources`` (LM corpora), ``glue`` and ``vision``.

@@ -15,11 +15,13 @@ from qtx.quant.quantizer import (
     POINTS,
     STATS,
     TOKENS,
+    WEIGHTS,
     QuantPoint,
     find_nonfinite,
     list_points,
     load_learnable_from_stats,
     token_extremes,
+    weight_records,
 )
 from qtx.quant.ranges import learnable_init, qparams_from_range
 from qtx.quant.rules import MatchReport, QuantPlan, QuantRule, match_report, rule, rule_from_dict
@@ -31,6 +33,7 @@ __all__ = [
     "PRESETS",
     "STATS",
     "TOKENS",
+    "WEIGHTS",
     "MatchReport",
     "QuantPlan",
     "QuantPoint",
@@ -55,4 +58,5 @@ __all__ = [
     "setup_rules",
     "token_extremes",
     "uniform_quant",
+    "weight_records",
 ]

@@ -15,6 +15,7 @@ Presets:
   channel, embeddings at E bits; activations asymmetric per tensor at the FasterTransformer
   positions only (embedding LN, Q/K/V, softmax, context, attention LN, GELU, FFN LN, pooler
   in/out, classifier input). Dense outputs, scores and logits stay in full precision.
+* ``lsq``: plain LSQ at the ``qv_lsq`` points (the Quantization Variation baseline).
 * ``qv_lsq`` (Quantization Variation): LSQ per module. Linear weights symmetric LSQ at W bits
   (iterative init, ``1/sqrt(Qp ||W||_1)`` gradient scale); patch embedding, embeddings and
   classifier at 8 bits; activations LSQ at A bits: attention input, q, k, v, softmax
@@ -157,21 +158,23 @@ def os_fastertransformer(
     )
 
 
-def qv_lsq(w=4, a=4, e=None, per_head=False):
+def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
     """Quantization Variation's module-dependent LSQ at W/A bits.
 
     ``e`` (default 8) is the width of the patch embedding, embeddings, classifier weights and
     classifier input; ``per_head`` gives q, k, v, softmax and context one step per head.
+    ``module_dependent=False`` is the plain LSQ baseline at the same points (preset ``lsq``).
     """
     e = 8 if e is None else e
+    w_scale, a_scale, gelu = ("weight_l1", "act_qv", "lsq+") if module_dependent else ("lsq",) * 3
     wq = dict(
         scheme="symmetric",
         learn="lsq",
         estimator="iterative",
-        grad_scale="weight_l1",
+        grad_scale=w_scale,
         min_scale=1e-4,
     )
-    aq = dict(bits=a, learn="lsq", estimator="lsq_init", grad_scale="act_qv", min_scale=1e-4)
+    aq = dict(bits=a, learn="lsq", estimator="lsq_init", grad_scale=a_scale, min_scale=1e-4)
     head = dict(granularity="head") if per_head else {}
     return (
         rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
@@ -204,7 +207,7 @@ def qv_lsq(w=4, a=4, e=None, per_head=False):
         ),
         rule(r"(^|/)attn/context$", "act", "attention output", scheme="symmetric", **aq, **head),
         rule(r"(^|/)ffn_ln/out$", "act", "FFN input", scheme="symmetric", **aq),
-        rule(r"(^|/)ffn/act$", "act", "GELU output", scheme="unsigned", **{**aq, "learn": "lsq+"}),
+        rule(r"(^|/)ffn/act$", "act", "GELU output", scheme="unsigned", **{**aq, "learn": gelu}),
         rule(
             r"(^|/)classifier/in$",
             "act",
@@ -216,10 +219,19 @@ def qv_lsq(w=4, a=4, e=None, per_head=False):
     )
 
 
+def lsq(w=4, a=4, e=None):
+    """Plain LSQ (Esser et al.), the baseline of Quantization Variation: the points and
+    initialisation of ``qv_lsq``, one step per tensor, LSQ's gradient scale ``1/sqrt(N Qp)``
+    for weights and activations, and a plain unsigned LSQ quantizer (no offset: GELU's
+    negative values clip to 0) on the GELU output."""
+    return qv_lsq(w, a, e, per_head=False, module_dependent=False)
+
+
 PRESETS = {
     "w8a8_all": w8a8_all,
     "os_fastertransformer": os_fastertransformer,
     "qv_lsq": qv_lsq,
+    "lsq": lsq,
 }
 
 
@@ -247,7 +259,7 @@ def setup_rules(setup: str, **options):
 def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
     """A plan from a config block (``config.quant``)::
 
-    preset: 'w8a8_all' | 'os_fastertransformer' | 'qv_lsq' | 'none'
+    preset: 'w8a8_all' | 'os_fastertransformer' | 'qv_lsq' | 'lsq' | 'none'
     bits: 'W8A8'            # shortcut; E defaults to W
     options: {...}          # keyword options of the preset
     rules: [{pattern, kind, off, <QuantSpec fields>}, ...]  # before the preset's rules

@@ -17,6 +17,12 @@ a mode:
 Learnable points always declare ``params/<name>/step`` (and ``offset`` for LSQ+), in every
 mode but ``off``, so the variable tree does not depend on the mode.
 
+With the ``quant_weights`` collection mutable, every uniform weight point in ``quantize`` /
+``learn`` mode records what it quantizes (:func:`weight_records`): ``w`` (the weight in its
+view, differentiable), ``step`` and ``offset`` (so ``code = clip(round((w - offset) / step),
+qmin, qmax)``) and the grid's integer ``levels`` ``qmin, ..., qmax``. Weight regularisers
+(bin regularisation) and oscillation tracking read them from the training forward pass.
+
 Points also answer three questions without touching the data: which points exist
 (:func:`list_points`: a pass with the ``quant_points`` collection mutable records every point
 and quantizes nothing); for the plan's tracked points, the per-sequence outlier statistics
@@ -36,7 +42,15 @@ from qtx.errors import UserError
 from qtx.quant import estimators
 from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
 from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
-from qtx.quant.ranges import fake_quant_range, from_view, learnable_init, make_view, reduce, to_view
+from qtx.quant.ranges import (
+    fake_quant_range,
+    from_view,
+    learnable_init,
+    make_view,
+    qparams_from_range,
+    reduce,
+    to_view,
+)
 from qtx.quant.rules import QuantPlan
 from qtx.quant.spec import QuantSpec
 
@@ -44,6 +58,7 @@ STATS = "quant_stats"
 POINTS = "quant_points"
 OBSERVED = "intermediates"
 TOKENS = "quant_tokens"
+WEIGHTS = "quant_weights"
 
 
 def token_extremes(x, head_axis: int | None = None):
@@ -129,7 +144,20 @@ class QuantPoint(nn.Module):
         else:
             lo, hi = self._frozen_range(xv, view, spec, name)
             y = fake_quant_range(xv, lo, hi, spec)
+        if self.kind == "weight" and self.is_mutable_collection(WEIGHTS):
+            if not learn:
+                scale, zero = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
+                offset = -zero * scale
+            self._record_weight(xv, scale, offset, qmin, qmax)
         return from_view(y, view).astype(x.dtype)
+
+    def _record_weight(self, wv, scale, offset, qmin, qmax):
+        if self.is_initializing():
+            return
+        self.put_variable(WEIGHTS, "w", wv)
+        self.put_variable(WEIGHTS, "step", jnp.asarray(scale, jnp.float32))
+        self.put_variable(WEIGHTS, "offset", jnp.asarray(offset, jnp.float32))
+        self.put_variable(WEIGHTS, "levels", jnp.arange(qmin, qmax + 1, dtype=jnp.float32))
 
     def _learnable_params(self, xv, view, spec):
         def init(which):
@@ -194,6 +222,15 @@ def list_points(apply_fn, variables, *args, **kwargs) -> dict[str, tuple[str, tu
     out = {}
     for path, leaf in flatten_dict(tree).items():
         out["/".join(path[:-1])] = (path[-1], tuple(leaf.shape))
+    return dict(sorted(out.items()))
+
+
+def weight_records(collected) -> dict[str, dict]:
+    """``{point name: {"w", "step", "offset", "levels"}}`` from the ``quant_weights``
+    collection of a forward pass (``mutable=[WEIGHTS]``)."""
+    out: dict[str, dict] = {}
+    for path, leaf in flatten_dict(collected).items():
+        out.setdefault("/".join(path[:-1]), {})[path[-1]] = leaf
     return dict(sorted(out.items()))
 
 

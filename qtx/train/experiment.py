@@ -50,6 +50,15 @@ TRAIN_DEFAULTS = dict(
     qat_init="calibrate",
     distill=0.0,  # QAT: weight of distillation from the full-precision model (0: off)
     distill_temperature=1.0,
+    distill_loss="kl",  # 'kl' (T^2 KL) or 'soft_ce' (Quantization Variation's soft CE)
+    task_loss_weight=1.0,  # weight of the hard-label loss while distilling (QV: 0)
+    teacher="",  # '' = the init_from model; or a qtx workdir / HF dir of the same task
+    # Quantization Variation (qtx.methods.quant_variation), QAT only:
+    obr=0.0,  # peak lambda of oscillation-aware bin regularization (paper 0.01; 0: off)
+    obr_start=0.25,  # fraction of the steps before the OBR ramp starts
+    track_oscillation=False,  # count weight oscillations (state.extra['oscillation'])
+    oscillation_momentum=0.001,
+    oscillation_threshold=0.005,
     tensorboard=True,
     # a checkpoint is skipped while the loss exceeds this factor times max(1, the median loss
     # of the last 100 steps): a diverging run never replaces its last good checkpoint
@@ -182,14 +191,16 @@ def load(config) -> Experiment:
         ):
             allowed = "a number >= 0" if f == "distill" else "a number > 0"
             raise UserError(f"config.train.{f}={v!r} is invalid; allowed: {allowed}.")
+    _check_qat_methods(train)
     qat = plan.mode == "learn" or any(
         r.spec is not None and r.spec.mode == "learn" for r in plan.rules
     )
-    if (train["distill"] or train["qat_init"] != "calibrate") and not qat:
+    qat_only = train["distill"] or train["qat_init"] != "calibrate" or train["obr"]
+    if (qat_only or train["track_oscillation"]) and not qat:
         raise UserError(
-            "config.train.distill and config.train.qat_init apply to quantization-aware "
-            "training; allowed: config.quant.mode='learn' with them, or distill=0 and "
-            "qat_init='calibrate'."
+            "config.train.distill, qat_init, obr and track_oscillation apply to "
+            "quantization-aware training; allowed: config.quant.mode='learn' with them, or "
+            "distill=0, qat_init='calibrate', obr=0 and track_oscillation=False."
         )
     factor = train["sane_loss_factor"]
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
@@ -238,6 +249,43 @@ def load(config) -> Experiment:
     if bad_mesh:
         raise UserError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
     return exp
+
+
+def _number(train: dict, field: str, ok, allowed: str) -> None:
+    v = train[field]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
+        raise UserError(f"config.train.{field}={v!r} is invalid; allowed: {allowed}.")
+
+
+def _check_qat_methods(train: dict) -> None:
+    """Distillation and Quantization Variation settings of ``config.train``."""
+    from qtx.train.steps import DISTILL_LOSSES
+
+    if train["distill_loss"] not in DISTILL_LOSSES:
+        raise UserError(
+            f"config.train.distill_loss={train['distill_loss']!r} is invalid; allowed: "
+            f"{', '.join(DISTILL_LOSSES)}."
+        )
+    _number(train, "task_loss_weight", lambda v: v >= 0, "a number >= 0")
+    _number(train, "obr", lambda v: v >= 0, "a number >= 0 (0: off)")
+    _number(train, "obr_start", lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+    _number(train, "oscillation_momentum", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    _number(train, "oscillation_threshold", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if not isinstance(train["track_oscillation"], bool):
+        raise UserError(
+            f"config.train.track_oscillation={train['track_oscillation']!r} is invalid; "
+            "allowed: True or False."
+        )
+    if not isinstance(train["teacher"], str):
+        raise UserError(
+            f"config.train.teacher={train['teacher']!r} is invalid; allowed: '' (the init_from "
+            "model) or the path of a qtx workdir or Hugging Face checkpoint directory."
+        )
+    if (train["teacher"] or train["task_loss_weight"] != 1.0) and not train["distill"]:
+        raise UserError(
+            "config.train.teacher and task_loss_weight apply to distillation; allowed: "
+            "config.train.distill > 0 with them, or teacher='' and task_loss_weight=1."
+        )
 
 
 def _check_ptq(exp: Experiment) -> None:

@@ -23,6 +23,7 @@ from qtx.data.availability import missing_resources
 from qtx.data.config import resolve_spec
 from qtx.errors import MissingResources, UserError
 from qtx.evaluate.metrics import glue_task_of, run_eval
+from qtx.methods import quant_variation
 from qtx.models import build, dummy_inputs
 from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
@@ -39,8 +40,14 @@ from qtx.train.mesh import (
 from qtx.train.metrics import MetricWriter
 from qtx.train.optim import make_optimizer
 from qtx.train.preemption import StopOnSignal
-from qtx.train.pretrained import load_pretrained, merge_pretrained, source_gamma_migrated
-from qtx.train.steps import TEACHER, TrainState, make_eval_step, make_train_step
+from qtx.train.pretrained import (
+    check_teacher,
+    load_pretrained,
+    merge_pretrained,
+    source_gamma_migrated,
+    teacher_config,
+)
+from qtx.train.steps import TEACHER, Distillation, TrainState, make_eval_step, make_train_step
 
 
 def model_meta(exp: experiment_lib.Experiment) -> dict:
@@ -163,6 +170,21 @@ def train(config, workdir: str, devices=None) -> dict:
         )
         return ckpt.restore(target, step), shardings
 
+    teacher_cfg = cfg
+    if tr["distill"] and tr["teacher"]:
+        teacher_cfg = teacher_config(tr["teacher"], cfg)
+        fp_student, fp_teacher = (
+            build(cfg, quant.QuantPlan()),
+            build(teacher_cfg, quant.QuantPlan()),
+        )
+        s_logits = jax.eval_shape(
+            lambda v: fp_student.apply({"params": v["params"]}, **inputs), abstract_vars
+        )["logits"]
+        t_logits = jax.eval_shape(
+            lambda: fp_teacher.apply(fp_teacher.init(init_rng, **inputs), **inputs)
+        )["logits"]
+        check_teacher(s_logits, t_logits, tr["teacher"])
+
     restored = ckpt.restore_newest_intact(load)
     if restored is not None:
         start, (state, sharding) = restored
@@ -180,7 +202,11 @@ def train(config, workdir: str, devices=None) -> dict:
 
                 say("gamma migration: LayerNorm gammas moved into the following weights")
                 variables["params"] = migrate_params_for(cfg, variables["params"])
-        teacher = jax.tree.map(np.array, variables["params"]) if tr["distill"] else None
+        teacher = None
+        if tr["distill"]:
+            teacher = jax.tree.map(np.array, variables["params"])
+            if tr["teacher"]:
+                teacher = load_pretrained(tr["teacher"], teacher_cfg)
         if needs_calibration(plan):
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
             calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
@@ -193,6 +219,10 @@ def train(config, workdir: str, devices=None) -> dict:
                 say(f"token-wise clipping: alpha {info['alpha']:.2f} over {info['points']} points")
         if teacher is not None:
             variables[TEACHER] = teacher
+        if tr["track_oscillation"]:
+            variables[quant_variation.COLLECTION] = quant_variation.tracker_for(
+                model.apply, variables, inputs
+            )
         params = variables.pop("params")
         state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
         sharding = tree_shardings(mesh, jax.eval_shape(lambda: state))
@@ -201,7 +231,13 @@ def train(config, workdir: str, devices=None) -> dict:
 
     distill = None
     if tr["distill"]:
-        distill = (build(cfg, quant.QuantPlan()), float(tr["distill"]), tr["distill_temperature"])
+        distill = Distillation(
+            build(teacher_cfg, quant.QuantPlan()),
+            float(tr["distill"]),
+            float(tr["distill_temperature"]),
+            tr["distill_loss"],
+            float(tr["task_loss_weight"]),
+        )
     train_step = make_train_step(
         model,
         cfg.family,
@@ -210,6 +246,7 @@ def train(config, workdir: str, devices=None) -> dict:
         schedule,
         base_rng,
         int(exp.optim["grad_accum"]),
+        hooks=quant_variation.train_hooks(tr, steps),
         distill=distill,
     )
     p_train = jax.jit(

@@ -123,3 +123,37 @@ def source_gamma_migrated(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return bool(((raw.get("model") or {}) if isinstance(raw, dict) else {}).get("gamma_migrated"))
+
+
+def teacher_config(path: str, student: ModelConfig) -> ModelConfig:
+    """The model of a distillation teacher: a qtx workdir (its ``config.json``) or a local HF
+    checkpoint directory (with the student's head). Any size, built in full precision."""
+    if not os.path.isdir(path):
+        raise UserError(
+            f"config.train.teacher={path!r} is not a directory; allowed: a qtx workdir or a "
+            "local Hugging Face checkpoint directory."
+        )
+    if is_hf_dir(path):
+        from qtx import hf
+
+        return hf.config_from_hf(hf.read_config(path), head=student.head)
+    from qtx.models.config import model_config_from_dict
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return model_config_from_dict(json.load(f)["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"config.train.teacher={path!r} has no readable config.json with a 'model' "
+            "section; allowed: the workdir of a qtx training run."
+        ) from None
+
+
+def check_teacher(student_logits, teacher_logits, path: str) -> None:
+    """Fails unless the teacher's logits (shapes) match the student's: same task and classes."""
+    if tuple(student_logits.shape) != tuple(teacher_logits.shape):
+        raise UserError(
+            f"config.train.teacher={path!r} gives logits of shape {tuple(teacher_logits.shape)} "
+            f"but the student's are {tuple(student_logits.shape)}; allowed: a teacher of the "
+            "same task with the same classes (or vocabulary)."
+        )
