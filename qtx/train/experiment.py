@@ -181,16 +181,8 @@ def load(config) -> Experiment:
             f"config.train.qat_init={train['qat_init']!r} is invalid; allowed: "
             f"{', '.join(QAT_INITS)}."
         )
-    for f in ("distill", "distill_temperature"):
-        v = train[f]
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, int | float)
-            or v < 0
-            or (f == "distill_temperature" and v == 0)
-        ):
-            allowed = "a number >= 0" if f == "distill" else "a number > 0"
-            raise UserError(f"config.train.{f}={v!r} is invalid; allowed: {allowed}.")
+    _number(train, "distill", lambda v: v >= 0, "a number >= 0")
+    _number(train, "distill_temperature", lambda v: v > 0, "a number > 0")
     _check_qat_methods(train)
     qat = plan.mode == "learn" or any(
         r.spec is not None and r.spec.mode == "learn" for r in plan.rules
@@ -202,11 +194,7 @@ def load(config) -> Experiment:
             "quantization-aware training; allowed: config.quant.mode='learn' with them, or "
             "distill=0, qat_init='calibrate', obr=0 and track_oscillation=False."
         )
-    factor = train["sane_loss_factor"]
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
-        raise UserError(
-            f"config.train.sane_loss_factor={factor!r} is invalid; allowed: a number > 1."
-        )
+    _number(train, "sane_loss_factor", lambda v: v > 1, "a number > 1")
     if int(train["eval_every"]) < 0:
         raise UserError(
             f"config.train.eval_every={train['eval_every']!r} is invalid; allowed: "

@@ -170,18 +170,15 @@ def train(config, workdir: str, devices=None) -> dict:
         )
         return ckpt.restore(target, step), shardings
 
-    teacher_cfg = cfg
-    if tr["distill"] and tr["teacher"]:
-        teacher_cfg = teacher_config(tr["teacher"], cfg)
-        fp_student, fp_teacher = (
-            build(cfg, quant.QuantPlan()),
-            build(teacher_cfg, quant.QuantPlan()),
-        )
+    teacher_cfg = teacher_config(tr["teacher"], cfg) if tr["teacher"] else cfg
+    teacher_model = build(teacher_cfg, quant.QuantPlan())  # full precision, eval mode
+    if tr["teacher"]:
+        fp_student = build(cfg, quant.QuantPlan())
         s_logits = jax.eval_shape(
             lambda v: fp_student.apply({"params": v["params"]}, **inputs), abstract_vars
         )["logits"]
         t_logits = jax.eval_shape(
-            lambda: fp_teacher.apply(fp_teacher.init(init_rng, **inputs), **inputs)
+            lambda: teacher_model.apply(teacher_model.init(init_rng, **inputs), **inputs)
         )["logits"]
         check_teacher(s_logits, t_logits, tr["teacher"])
 
@@ -203,10 +200,10 @@ def train(config, workdir: str, devices=None) -> dict:
                 say("gamma migration: LayerNorm gammas moved into the following weights")
                 variables["params"] = migrate_params_for(cfg, variables["params"])
         teacher = None
-        if tr["distill"]:
+        if tr["teacher"]:
+            teacher = load_pretrained(tr["teacher"], teacher_cfg)
+        elif tr["distill"]:
             teacher = jax.tree.map(np.array, variables["params"])
-            if tr["teacher"]:
-                teacher = load_pretrained(tr["teacher"], teacher_cfg)
         if needs_calibration(plan):
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
             calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
@@ -232,7 +229,7 @@ def train(config, workdir: str, devices=None) -> dict:
     distill = None
     if tr["distill"]:
         distill = Distillation(
-            build(teacher_cfg, quant.QuantPlan()),
+            teacher_model,
             float(tr["distill"]),
             float(tr["distill_temperature"]),
             tr["distill_loss"],

@@ -3,7 +3,7 @@
 * module-dependent LSQ: the ``qv_lsq`` preset (:mod:`qtx.quant.presets`);
 * variation-aware distillation: ``config.train.distill_loss='soft_ce'`` with
   ``task_loss_weight=0`` (soft cross-entropy against the teacher, no hard labels) and
-  multi-crop batches (``config.data.crops_per_image``);
+  multi-crop batches (``config.data.repeated_aug=4`` with a ``crop_scale``);
 * oscillation-aware bin regularization: :mod:`.obr` (``config.train.obr``);
 * oscillation tracking: :mod:`.oscillation` (``config.train.track_oscillation``).
 
