@@ -25,8 +25,8 @@ Offline on a 2-core CPU (ViT-tiny on MNIST, from the FP run of vit_s16_vanilla.p
     python train.py --config=configs/deit_s.py:W2A2,tiny --workdir=runs/deit_s_w2a2_tiny
 """
 
-from configs import common
+from configs import qv_common
 
 
 def get_config(arg=None):
-    return common.deit_qv("deit-s", arg)
+    return qv_common.deit_qv("deit-s", arg)

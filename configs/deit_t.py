@@ -24,8 +24,8 @@ Offline on a 2-core CPU (ViT-tiny on MNIST, from the FP run of vit_s16_vanilla.p
     python train.py --config=configs/deit_t.py:W2A2,tiny --workdir=runs/deit_t_w2a2_tiny
 """
 
-from configs import common
+from configs import qv_common
 
 
 def get_config(arg=None):
-    return common.deit_qv("deit-t", arg)
+    return qv_common.deit_qv("deit-t", arg)

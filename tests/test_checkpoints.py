@@ -150,6 +150,7 @@ def wait_for_steps(workdir, n, proc=None, timeout=300):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_rerun_continues_identically(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     steps = 60

@@ -15,7 +15,9 @@ from tiny_runs import opt_train_cmd
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
-    p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common")
+    p.stem
+    for p in (ROOT / "configs").glob("*.py")
+    if p.stem not in ("__init__", "common", "qv_common")
 )
 ARGS = {
     "bert_base_glue": (None, "tiny", "mnli"),
@@ -24,6 +26,8 @@ ARGS = {
     "deit_t": (None, "W2A2", "W3A3,tiny"),
     "deit_s": ("W4A4,tiny",),
     "deit_b": ("W2A2",),
+    "swin_t": (None, "FP,tiny", "W2A2,tiny"),
+    "bert_binary": ("tiny", "rte"),
 }
 
 

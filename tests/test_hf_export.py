@@ -86,13 +86,15 @@ CASES = {  # qtx size preset, overrides, the HF architecture it exports as
         dict(num_channels=3, distillation_token=True, max_positions=18),
         "DeiTForImageClassificationWithTeacher",
     ),
+    # shifted windows at 16 x 16 and 8 x 8 patches, one window at 4 x 4
+    "swin_cls": ("swin-tiny", dict(num_channels=3, image_size=32), "SwinForImageClassification"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_round_trip(tmp_path, case):
     name, over, want_arch = CASES[case]
-    if name != "vit-tiny":
+    if name not in ("vit-tiny", "swin-tiny"):
         over = dict(over, vocab_size=99, max_positions=over.get("max_positions", 40))
     cfg = model_config(name, dict(SMALL, **over))
     model, variables = build(cfg), random_variables(cfg)
@@ -101,8 +103,9 @@ def test_export_round_trip(tmp_path, case):
     assert arch == want_arch
     hf = getattr(transformers, arch).from_pretrained(tmp_path).eval()
 
-    if cfg.family == "vit":
-        x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    if cfg.family in ("vit", "swin"):
+        size = cfg.image_size
+        x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
         with torch.no_grad():
             ref = hf(pixel_values=torch.tensor(x), output_hidden_states=True)
         out = model.apply(

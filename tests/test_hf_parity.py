@@ -210,3 +210,69 @@ def test_deit_distilled(tmp_path, teacher):
     if teacher:
         extra += [("cls_logits", "cls_logits"), ("distillation_logits", "dist_logits")]
     check(ref, out, extra=extra)
+
+
+def swin_model(cls, image_size, seed):
+    """A random tiny HF Swin (16 wide, stages of 2, 2, 1 blocks, window 4) whose relative
+    position tables and LayerNorms are perturbed away from their constant init."""
+    torch.manual_seed(seed)
+    config = transformers.SwinConfig(
+        image_size=image_size,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=16,
+        depths=[2, 2, 1],
+        num_heads=[2, 2, 4],
+        window_size=4,
+        num_labels=5,
+    )
+    hf = cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "relative_position_bias_table" in name or "norm" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return hf
+
+
+# 32: 16 x 16 and 8 x 8 patches with shifted windows, then one 4 x 4 window; 28: 14 x 14 and
+# 7 x 7 padded to the window, an odd map padded before merging
+@pytest.mark.parametrize("image_size", [32, 28])
+def test_swin_classification(tmp_path, image_size):
+    hf = swin_model(transformers.SwinForImageClassification, image_size, seed=8)
+    model, variables = qtx.hf.load(save(hf, tmp_path))
+    cfg = model.cfg
+    assert (cfg.family, cfg.head, cfg.depths, cfg.stage_heads) == (
+        "swin",
+        "classification",
+        (2, 2, 1),
+        (2, 2, 4),
+    )
+    pixels, images = image_inputs(size=image_size)
+    ref = hf_run(hf, pixel_values=pixels)
+    out = model.apply(variables, images, output_hidden_states=True)
+    check(ref, out, extra=[("logits", "logits")])
+
+
+def test_swin_model_from_the_newer_key_spelling(tmp_path):
+    """``state_dict()`` of newer transformers (``attention.q_proj``, ``mlp.fc1``) in a torch
+    bin, plus a stale relative position index: loads; a wrong index is refused."""
+    hf = swin_model(transformers.SwinModel, 32, seed=9)
+    sd = hf.state_dict()
+    assert any(".attention.q_proj." in k for k in sd)
+    save(hf, tmp_path, safe=False)
+    model, variables = qtx.hf.load(tmp_path)
+    assert model.cfg.head == "none"
+    pixels, images = image_inputs(size=32)
+    ref = hf_run(hf, pixel_values=pixels)
+    out = model.apply(variables, images, output_hidden_states=True)
+    check(ref, out, extra=[("last_hidden_state", "last_hidden_state"), ("pooler_output", "pooled")])
+
+    from qtx.models.swin import relative_position_index
+
+    key = "encoder.layers.0.blocks.1.attention.self.relative_position_index"
+    sd = {k: v.numpy() for k, v in sd.items()}
+    sd[key] = relative_position_index(4).ravel()
+    qtx.hf.params_from_hf("swin", sd, model.cfg)
+    sd[key] = relative_position_index(3).ravel()
+    with pytest.raises(ValueError, match="relative position index"):
+        qtx.hf.params_from_hf("swin", sd, model.cfg)

@@ -97,6 +97,7 @@ FAMILY_CASES = {
     "opt-350m-like": ("opt-tiny", {"word_embed_proj_dim": 64, "pre_ln": False, "final_ln": False}),
     "vit": ("vit-tiny", {}),
     "deit-distilled": ("vit-tiny", {"distillation_token": True}),
+    "swin": ("swin-tiny", {}),
 }
 
 
@@ -110,10 +111,12 @@ def test_point_names_match_the_documentation(case):
     pts = q.list_points(m.apply, v, **x)
     doc = documented_points()
     for p, (kind, _) in pts.items():
-        key = re.sub(r"^layer_\d+/", "layer_{i}/", p)
+        key = re.sub(r"^(stage_\d+/)?layer_\d+/", "layer_{i}/", p)
+        key = re.sub(r"^stage_\d+/merge/", "stage_{s}/merge/", key)
         assert key in doc, f"point {p} is not documented"
         assert doc[key] == kind
-    assert sum(p.startswith("layer_1/") for p in pts) == 22
+    first = "stage_0/layer_1/" if cfg.family == "swin" else "layer_1/"
+    assert sum(p.startswith(first) for p in pts) == 22
 
 
 # Small text models: one layer, narrow, a short vocabulary (fast to compile).
@@ -122,7 +125,7 @@ SMALL_TEXT = dict(num_layers=1, vocab_size=512, hidden_size=32, intermediate_siz
 
 def random_inputs(cfg, key, batch=2, seq_len=8):
     """Token ids in the vocabulary with a right-padded second row, or N(0, 1) images."""
-    if cfg.family == "vit":
+    if cfg.family in ("vit", "swin"):
         shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
         return {"images": jax.random.normal(key, shape)}
     ids = jax.random.randint(key, (batch, seq_len), 3, cfg.vocab_size)
@@ -150,6 +153,14 @@ W8A8_CASES = {
     "opt": ("opt-tiny", SMALL_TEXT, "all_heads_linear"),  # a gate with a weight point
     # init_std 0.2: the class token is not lost below one step of the embedding-sum grid
     "vit": ("vit-tiny", dict(num_layers=1, init_std=0.2), "mlp"),
+    # a shifted-window block, patch merging and one padded window per stage
+    "swin": (
+        "swin-tiny",
+        dict(
+            hidden_size=16, intermediate_size=32, depths=(2, 1), stage_heads=(2, 2), image_size=20
+        ),
+        "linear",
+    ),
 }
 
 
@@ -292,6 +303,21 @@ def test_dropout_and_drop_path_are_random_in_training_and_off_when_deterministic
         np.testing.assert_array_equal(train, run(False, 1))
         assert np.abs(train - det).max() > 1e-2, rates
         assert np.abs(train - run(False, 2)).max() > 1e-2, rates
+
+
+def test_vit_drop_path_grows_linearly_over_the_layers():
+    """DeiT's stochastic depth: layer i drops with rate drop_path * i / (L - 1)."""
+    cfg = model_config("vit-tiny", dict(num_layers=3, drop_path=0.2))
+    rates = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, TransformerLayer) and context.method_name == "__call__":
+            rates[context.module.name] = context.module.cfg.drop_path
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: build(cfg).init(jax.random.key(0), **dummy_inputs(cfg)))
+    assert rates == pytest.approx({"layer_0": 0.0, "layer_1": 0.1, "layer_2": 0.2})
 
 
 def test_residual_dropout_and_drop_path_in_a_layer():

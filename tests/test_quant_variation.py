@@ -158,6 +158,7 @@ def tiny_vit_qat(steps, **train_over):
     return c
 
 
+@pytest.mark.slow
 def test_qat_with_obr_and_tracking_resumes_exactly(tmp_path, monkeypatch):
     """4 steps in one go equal 2 steps, a stop (as on SIGTERM), and 2 more: the same losses,
     OBR values and oscillation fractions (the tracker is in the checkpoint)."""

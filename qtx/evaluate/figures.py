@@ -24,12 +24,21 @@ def _plt():
     return plt
 
 
+def block_of(name: str) -> tuple[int, int] | None:
+    """``(stage, layer)`` of a point name (``layer_3/...``: stage 0; Swin's
+    ``stage_1/layer_0/...``), or None outside the layers."""
+    m = re.match(r"(?:stage_(\d+)/)?layer_(\d+)/", name)
+    return (int(m.group(1) or 0), int(m.group(2))) if m else None
+
+
 def plot_outliers(per_layer: dict, path: str, title: str = "") -> None:
     """``per_layer``: ``{"layer_3/ffn/out": {"inf_norm", "kurtosis"}, "final_ln/out": ...}``."""
     series: dict[str, dict[int, dict]] = {}
+    blocks = sorted({block_of(n) for n in per_layer} - {None})  # (stage, layer), in order
     for name, vals in per_layer.items():
-        m = re.match(r"layer_(\d+)/(.+)$", name)
-        layer, tensor = (int(m.group(1)), m.group(2)) if m else (-1, name)
+        key = block_of(name)
+        layer = blocks.index(key) if key is not None else -1
+        tensor = re.sub(r"^(stage_\d+/)?layer_\d+/", "", name)
         series.setdefault(tensor, {})[layer] = vals
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -60,13 +69,15 @@ def attention_mass(attention, batch: dict, special_ids, family: str) -> np.ndarr
     collection ``{layer_i: {attn: {probs: ((B, H, T, S),)}}}``."""
     layers = {}
     for path, leaf in flatten_dict(attention).items():
-        m = re.match(r"layer_(\d+)$", path[0])
-        if m:
-            layers[int(m.group(1))] = np.asarray(leaf[0], np.float32)
+        key = block_of("/".join(path))
+        if key is not None:
+            layers[key] = np.asarray(leaf[0], np.float32)
     if not layers:
         raise RuntimeError("no attention probabilities were collected.")
     probs0 = layers[min(layers)]
     b, _, t, s = probs0.shape
+    if family == "swin":
+        raise ValueError("Swin has no class or special token, so no no-op attention mass.")
     if family == "vit":
         key_mask = np.zeros((b, s), bool)
         key_mask[:, 0] = True

@@ -16,7 +16,7 @@ import re
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-_L = r"^layer_\d+/"
+_L = r"^(stage_\d+/)?layer_\d+/"  # Swin nests its layers in stages
 # family -> (kurtosis tensors, inf-norm tensors), as regexes over point names.
 TRACKED = {
     "bert": ((_L + r"(ffn/out|ffn_ln/out)$",), (_L + r"(ffn/out|ffn_ln/out|residual_ffn)$",)),
@@ -30,12 +30,14 @@ TRACKED = {
     ),
 }
 TRACKED["roberta"] = TRACKED["bert"]
+TRACKED["swin"] = TRACKED["vit"]
 # The tensor the papers' headline inf norm most likely refers to (REFERENCE.md §1).
 HEADLINE = {
     "bert": r"ffn/out$",
     "roberta": r"ffn/out$",
     "opt": r"residual_ffn$",
     "vit": r"residual_ffn$",
+    "swin": r"residual_ffn$",
 }
 
 

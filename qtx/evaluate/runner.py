@@ -10,7 +10,9 @@ Writes ``<workdir>/eval.json``::
                    ...}}
 
 (with ``config.eval.ptq_methods`` the names are ``<setup>/<method>``), prints the same as a
-table, and draws ``outliers.png`` and ``attention_mass.png``.
+table, and draws ``outliers.png`` and ``attention_mass.png``. With ``config.eval.variation``
+it also writes ``variation.json`` and ``variation.png`` (see
+``qtx.methods.quant_variation.analysis``).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
             f"{len(report.matched)} points quantized, calibration {seconds:.1f} s)"
         )
 
+    if ev["variation"]:
+        results["variation"] = variation_analysis(cfg, host_params, calib, run, extra, ev, workdir)
     if ev["figures"]:  # every process joins the attention pass; process 0 draws
         results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, to_dev)
     if jax.process_index() == 0:
@@ -165,9 +169,43 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     return results
 
 
+def variation_analysis(cfg, params, calib, run, extra, ev, workdir) -> dict:
+    """Quantization Variation's analysis -> ``variation.json`` and ``variation.png``."""
+    from qtx.methods.quant_variation import analysis
+    from qtx.methods.quant_variation.oscillation import COLLECTION
+
+    tracker = (extra or {}).get(COLLECTION)
+    result = analysis.analyse(
+        cfg,
+        params,
+        calib,
+        run,
+        bits=int(ev["variation_bits"]),
+        heads=bool(ev["variation_heads"]),
+        oscillation=fetch(tracker) if tracker else None,
+        log=say,
+    )
+    paths = {"json": os.path.join(workdir, "variation.json")}
+    paths["png"] = os.path.join(workdir, "variation.png")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(paths["json"], "w") as f:
+            json.dump(result, f, indent=1)
+        analysis.plot(result, paths["png"], f"{cfg.family}: quantization variation")
+    modules = [(v, f"{b}/{m}") for b, row in result["modules"].items() for m, v in row.items()]
+    return {**paths, "most_sensitive": [name for _, name in sorted(modules, reverse=True)[:5]]}
+
+
 def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, to_dev) -> list[str]:
-    """``outliers.png`` and ``attention_mass.png`` (first eval batch) in ``workdir``."""
-    paths = [os.path.join(workdir, "outliers.png"), os.path.join(workdir, "attention_mass.png")]
+    """``outliers.png`` and ``attention_mass.png`` (first eval batch; not for Swin, which has
+    no class or special token) in ``workdir``."""
+    paths = [os.path.join(workdir, "outliers.png")]
+    if cfg.family == "swin":
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            figures.plot_outliers(outlier_summary["per_layer"], paths[0], "swin: outliers")
+        return paths
+    paths.append(os.path.join(workdir, "attention_mass.png"))
     dev = to_dev(next(iter(pipe.eval_batches(1))))
     _, coll = jax.jit(
         lambda v, b: model.apply(v, **model_inputs(cfg.family, b), mutable=[ATTENTION])

@@ -5,7 +5,7 @@
 * ``export(path, cfg, variables)`` writes a ``save_pretrained``-style directory;
 * ``load_tokenizer(path)``: the directory's ``AutoTokenizer``.
 
-Families: BERT, RoBERTa, OPT, ViT and DeiT (see ``convert_*`` for the key mappings).
+Families: BERT, RoBERTa, OPT, ViT, DeiT and Swin (see ``convert_*`` for the key mappings).
 """
 
 from qtx.hf.export import export, export_problems, state_dict_to_hf

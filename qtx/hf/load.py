@@ -23,9 +23,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx.errors import UserError
-from qtx.hf import convert_bert, convert_opt, convert_vit, io
+from qtx.hf import convert_bert, convert_opt, convert_swin, convert_vit, io
 from qtx.hf.common import to_ours
-from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
 from qtx.models.registry import build, dummy_inputs
 from qtx.nn.attention import AttentionConfig
 from qtx.quant import QuantPlan
@@ -35,8 +35,9 @@ CONVERTERS: dict[str, ModuleType] = {
     "roberta": convert_bert,
     "opt": convert_opt,
     "vit": convert_vit,
+    "swin": convert_swin,
 }
-_BY_MODEL_TYPE = {mt: m for m in (convert_bert, convert_opt, convert_vit) for mt in m.MODEL_TYPES}
+_BY_MODEL_TYPE = {mt: m for m in set(CONVERTERS.values()) for mt in m.MODEL_TYPES}
 
 
 def _hf_config_object(hf_config):
@@ -69,7 +70,7 @@ def _arch_and_head(c, module, head: str | None) -> tuple[str | None, str]:
 def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
     """ModelConfig of a HF config (``config.json`` dict or ``PretrainedConfig``).
 
-    The family comes from ``model_type`` (bert, roberta, opt, vit, deit), the head from
+    The family comes from ``model_type`` (bert, roberta, opt, vit, deit, swin), the head from
     ``architectures[0]`` (base models: ``none``) unless ``head`` is given.
     """
     c = _hf_config_object(hf_config)
@@ -240,6 +241,9 @@ ARCHITECTURE_FIELDS = (
     "patch_size",
     "num_channels",
     "distillation_token",
+    "depths",
+    "stage_heads",
+    "window_size",
     "use_bias",
     "ln_eps",
 )
@@ -274,7 +278,7 @@ def pretrained_params(path, cfg: ModelConfig) -> dict:
         for f in ARCHITECTURE_FIELDS
         if getattr(cfg, f) != getattr(ckpt_cfg, f)
     ]
-    if cfg.family != "vit" and cfg.vocab_size != ckpt_cfg.vocab_size:
+    if cfg.family not in IMAGE_FAMILIES and cfg.vocab_size != ckpt_cfg.vocab_size:
         diffs.append(
             f"config.model.vocab_size={cfg.vocab_size} (checkpoint: {ckpt_cfg.vocab_size})"
         )

@@ -12,12 +12,14 @@ from qtx.errors import UserError
 from qtx.nn.attention import FINETUNE_GATE_STD, AttentionConfig
 from qtx.nn.transformer import ACTIVATIONS, BlockConfig
 
-FAMILIES = ("bert", "roberta", "opt", "vit")
+FAMILIES = ("bert", "roberta", "opt", "vit", "swin")
+IMAGE_FAMILIES = ("vit", "swin")  # models of images (B, H, W, C); the others read token ids
 HEADS = {
     "bert": ("mlm", "classification", "none"),
     "roberta": ("mlm", "classification", "none"),
     "opt": ("clm", "none"),
     "vit": ("classification", "none"),
+    "swin": ("classification", "none"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Attention projections that take PyTorch's default Linear init instead of N(0, init_std): the
@@ -62,6 +64,11 @@ class ModelConfig:
     patch_size: int = 16
     num_channels: int = 3
     distillation_token: bool = False
+    # Swin: blocks and heads per stage (stage s has width hidden_size * 2**s and FFN width
+    # intermediate_size * 2**s); num_layers and num_heads are then sum(depths) and heads[0]
+    depths: tuple[int, ...] = ()
+    stage_heads: tuple[int, ...] = ()
+    window_size: int = 7
     dtype: str = "float32"
     remat: bool = False
     # Outlier Suppression's gamma migration was applied to the parameters: the LayerNorms are
@@ -76,6 +83,8 @@ class ModelConfig:
 
         if self.family not in FAMILIES:
             bad("family", ", ".join(FAMILIES))
+        if self.family == "swin":
+            self._check_swin(bad)
         if self.head not in HEADS[self.family]:
             bad("head", ", ".join(HEADS[self.family]) + f" for family {self.family!r}")
         if self.activation not in ACTIVATIONS:
@@ -92,12 +101,31 @@ class ModelConfig:
         for f in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 bad(f, "a number in [0, 1)")
-        if self.family != "vit" and self.vocab_size < 1:
+        if self.family not in IMAGE_FAMILIES and self.vocab_size < 1:
             bad("vocab_size", "a positive integer")
-        if self.family == "vit" and self.image_size % self.patch_size:
+        if self.family in IMAGE_FAMILIES and self.image_size % self.patch_size:
             bad("image_size", f"a multiple of patch_size={self.patch_size}")
+
         if self.num_labels < 1:
             bad("num_labels", "a positive integer")
+
+    def _check_swin(self, bad):
+        for f in ("depths", "stage_heads"):
+            v = getattr(self, f)
+            if not isinstance(v, tuple):  # lists from a config file or the command line
+                object.__setattr__(self, f, tuple(int(x) for x in v))
+        depths, heads = self.depths, self.stage_heads
+        if not depths or min(depths) < 1:
+            bad("depths", "a non-empty tuple of positive integers (blocks per stage)")
+        if len(heads) != len(depths) or min(heads) < 1:
+            bad("stage_heads", f"{len(depths)} positive integers (one per stage of depths)")
+        for s, h in enumerate(heads):
+            if (self.hidden_size << s) % h:
+                bad("stage_heads", "divisors of the stage widths hidden_size * 2**stage")
+        if self.window_size < 1:
+            bad("window_size", "a positive integer")
+        object.__setattr__(self, "num_layers", sum(depths))
+        object.__setattr__(self, "num_heads", heads[0])
 
     @property
     def compute_dtype(self):

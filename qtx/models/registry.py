@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from qtx.errors import UserError
 from qtx.models.bert import Bert
-from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
 from qtx.models.opt import OPT
+from qtx.models.swin import Swin
 from qtx.models.vit import ViT
 from qtx.quant import QuantPlan
 
@@ -79,6 +80,19 @@ _VIT = dict(
     patch_size=16,
     max_positions=197,
     type_vocab_size=1,
+)
+
+_SWIN = dict(
+    _VIT,
+    family="swin",
+    hidden_size=96,
+    intermediate_size=384,
+    depths=(2, 2, 6, 2),
+    stage_heads=(3, 6, 12, 24),
+    window_size=7,
+    patch_size=4,
+    ln_eps=1e-5,
+    max_positions=49,  # tokens of one window
 )
 
 # Tiny text models for tests and CPU runs (vocabulary of the embedded tokenizers).
@@ -152,9 +166,38 @@ SIZES: dict[str, dict[str, Any]] = {
         num_labels=10,
         max_positions=17,
     ),
+    "swin-t": _SWIN,
+    "swin-s": dict(_SWIN, depths=(2, 2, 18, 2)),
+    "swin-b": dict(
+        _SWIN,
+        hidden_size=128,
+        intermediate_size=512,
+        depths=(2, 2, 18, 2),
+        stage_heads=(4, 8, 16, 32),
+    ),
+    # MNIST-sized: 14 x 14 patches -> windows of 4 (padded to 16), 7 x 7 (padded to 8), 4 x 4
+    "swin-tiny": dict(
+        _SWIN,
+        hidden_size=32,
+        intermediate_size=64,
+        depths=(2, 2, 2),
+        stage_heads=(2, 4, 8),
+        window_size=4,
+        image_size=28,
+        patch_size=2,
+        num_channels=1,
+        num_labels=10,
+        max_positions=16,
+    ),
 }
 
-MODULES: dict[str, type[nn.Module]] = {"bert": Bert, "roberta": Bert, "opt": OPT, "vit": ViT}
+MODULES: dict[str, type[nn.Module]] = {
+    "bert": Bert,
+    "roberta": Bert,
+    "opt": OPT,
+    "vit": ViT,
+    "swin": Swin,
+}
 
 
 def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) -> ModelConfig:
@@ -174,7 +217,7 @@ def build(cfg: ModelConfig, plan: QuantPlan | None = None) -> nn.Module:
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 2, seq_len: int = 8) -> dict[str, Any]:
     """Keyword inputs for ``init``: token ids for text models, images for ViT."""
-    if cfg.family == "vit":
+    if cfg.family in IMAGE_FAMILIES:
         shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
         return {"images": jnp.zeros(shape, jnp.float32)}
     ids = jnp.full((batch, min(seq_len, cfg.max_positions)), 2, jnp.int32)

@@ -78,7 +78,16 @@ class ViT(nn.Module):
             )
         h = ViTEmbeddings(c, p, name="embed")(images, deterministic)
         h, states = run_layers(
-            c.block(), p, c.num_layers, h, None, None, deterministic, c.remat, output_hidden_states
+            c.block(),
+            p,
+            c.num_layers,
+            h,
+            None,
+            None,
+            deterministic,
+            c.remat,
+            output_hidden_states,
+            linear_drop_path=True,  # DeiT: stochastic depth grows linearly to drop_path
         )
         h = LayerNorm(p, c.ln_eps, name="final_ln")(h)
         out = {"last_hidden_state": h}

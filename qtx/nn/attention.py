@@ -210,7 +210,8 @@ class MultiHeadAttention(nn.Module):
     """Self-attention ``x`` (B, T, D) -> (B, T, D) with named points (see module docstring).
 
     ``mask``: bool (B, 1 or H, T, S), True where attention is allowed. ``token_mask``: bool
-    (B, T) of real tokens, used by per-head gates.
+    (B, T) of real tokens, used by per-head gates. ``score_bias`` (1 or B, H, T, S) is added
+    to the scaled scores before the ``scores`` point (Swin's relative position bias).
     """
 
     num_heads: int
@@ -226,7 +227,7 @@ class MultiHeadAttention(nn.Module):
     torch_init: str = ""  # projections (letters of "qkvo") with PyTorch's default Linear init
 
     @nn.compact
-    def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True):
+    def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True, score_bias=None):
         b, t, d = x.shape
         h = self.num_heads
         if d % h:
@@ -250,6 +251,8 @@ class MultiHeadAttention(nn.Module):
         k = QuantPoint(p, head_axis=2, name="k")(split(k))
         v = QuantPoint(p, head_axis=2, name="v")(split(v))
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.asarray(math.sqrt(dh), q.dtype)
+        if score_bias is not None:
+            scores = scores + score_bias.astype(scores.dtype)
         scores = QuantPoint(p, head_axis=1, name="scores")(scores)
         if mask is not None:
             scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)

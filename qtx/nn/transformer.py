@@ -82,7 +82,7 @@ class FFN(nn.Module):
         return QuantPoint(p, name="out")(h)
 
 
-def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
+def drop_path(module: nn.Module, x, rate: float, deterministic: bool):
     """Stochastic depth: drops the whole residual branch per example with probability rate."""
     if rate <= 0 or deterministic:
         return x
@@ -139,7 +139,7 @@ class TransformerLayer(nn.Module):
 
         def branch(y):
             y = self.drop(y, deterministic=deterministic or c.dropout == 0)
-            return _drop_path(self, y, c.drop_path, deterministic)
+            return drop_path(self, y, c.drop_path, deterministic)
 
         if c.pre_ln:
             a = branch(self.attn(self.attn_ln(x), mask, token_mask, deterministic))
@@ -166,6 +166,7 @@ def run_layers(
     remat=False,
     collect=False,
     shortcut_gamma=None,
+    linear_drop_path=False,
 ):
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
@@ -174,12 +175,18 @@ def run_layers(
     models under gamma migration), else None. Returns the final hidden states and, if
     ``collect``, the ``num_layers + 1`` layer inputs and outputs (as HF's ``hidden_states``;
     with gamma migration they are reported with their gamma applied, as the original model's).
+    ``linear_drop_path``: layer i drops its branches with rate ``cfg.drop_path * i / (L - 1)``
+    (DeiT / timm's stochastic depth) instead of ``cfg.drop_path`` everywhere.
     """
     layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if remat else TransformerLayer
     states = [x if shortcut_gamma is None else x * shortcut_gamma]
     for i in range(num_layers):
         head_ln = not cfg.pre_ln and i == num_layers - 1
-        layer = layer_cls(cfg, plan, head_ln, name=f"layer_{i}")
+        layer_cfg = cfg
+        if linear_drop_path:
+            rate = cfg.drop_path * i / max(num_layers - 1, 1)
+            layer_cfg = dataclasses.replace(cfg, drop_path=rate)
+        layer = layer_cls(layer_cfg, plan, head_ln, name=f"layer_{i}")
         x = layer(x, mask, token_mask, deterministic, shortcut_gamma)
         shortcut_gamma = layer.output_gamma()
         states.append(x if shortcut_gamma is None else x * shortcut_gamma)

@@ -19,7 +19,11 @@ Presets:
 * ``qv_lsq`` (Quantization Variation): LSQ per module. Linear weights symmetric LSQ at W bits
   (iterative init, ``1/sqrt(Qp ||W||_1)`` gradient scale); patch embedding, embeddings and
   classifier at 8 bits; activations LSQ at A bits: attention input, q, k, v, softmax
-  (unsigned), context, FFN input, GELU output (unsigned with a learnable offset, LSQ+).
+  (unsigned), context, FFN input, GELU output (unsigned with a learnable offset, LSQ+);
+  Swin's patch merging (its LayerNorm output and reduction weight) like a linear layer.
+* ``binary`` (Quantization Variation's binary mode): the ``qv_lsq`` points with 1-bit weights
+  ``sign(W) mean|W|`` and matmul inputs ``sign(x) mean|x|``; attention probabilities,
+  embeddings and the classifier stay at 8 bits (LSQ).
 
 Setups are named by strings: a bit shortcut (``"W8A8"``, ``"W6A6E6"``, ``"W4A4"``), a preset
 (``"qv_lsq"``) or both (``"os_fastertransformer:W4A4E4"``). A bare shortcut uses ``w8a8_all``.
@@ -158,6 +162,20 @@ def os_fastertransformer(
     )
 
 
+# What Quantization Variation keeps in full precision (besides unlisted points).
+_QV_FULL_PRECISION = (
+    rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+    rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
+    rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
+    rule(
+        r"(^|/)embed/position/|(^|/)embed/cls|(^|/)embed/dist",
+        "weight",
+        "positions and class tokens stay FP",
+        off=True,
+    ),
+)
+
+
 def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
     """Quantization Variation's module-dependent LSQ at W/A bits.
 
@@ -177,15 +195,7 @@ def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
     aq = dict(bits=a, learn="lsq", estimator="lsq_init", grad_scale=a_scale, min_scale=1e-4)
     head = dict(granularity="head") if per_head else {}
     return (
-        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
-        rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
-        rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
-        rule(
-            r"(^|/)embed/position/|(^|/)embed/cls|(^|/)embed/dist",
-            "weight",
-            "positions and class tokens stay FP",
-            off=True,
-        ),
+        *_QV_FULL_PRECISION,
         rule(
             r"(^|/)embed/|(^|/)(classifier|dist_classifier)/",
             "weight",
@@ -194,13 +204,15 @@ def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
             **wq,
         ),
         rule(
-            r"(^|/)attn/(q|k|v|o|qkv)_proj/weight$|(^|/)ffn/fc[12]/weight$",
+            r"(^|/)attn/(q|k|v|o|qkv)_proj/weight$|(^|/)ffn/fc[12]/weight$"
+            r"|(^|/)merge/reduction/weight$",
             "weight",
-            "attention and FFN weights",
+            "attention, FFN and patch-merging weights",
             bits=w,
             **wq,
         ),
         rule(r"(^|/)attn_ln/out$", "act", "attention input", scheme="symmetric", **aq),
+        rule(r"(^|/)merge/ln/out$", "act", "patch-merging input", scheme="symmetric", **aq),
         rule(r"(^|/)attn/(q|k|v)$", "act", "q, k, v", scheme="symmetric", **aq, **head),
         rule(
             r"(^|/)attn/softmax$", "act", "attention probabilities", scheme="unsigned", **aq, **head
@@ -227,11 +239,73 @@ def lsq(w=4, a=4, e=None):
     return qv_lsq(w, a, e, per_head=False, module_dependent=False)
 
 
+def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
+    """Binary transformers (Quantization Variation's binary mode, REFERENCE.md §3): at the
+    points of ``qv_lsq``, weights ``sign(W) * mean|W|`` (STE through ``clip(W, -1, 1)``) and
+    matmul inputs ``sign(x) * mean|x|`` when ``w`` / ``a`` are 1 (else LSQ at that width).
+
+    The attention probabilities stay multi-bit (unsigned LSQ at ``softmax_bits``): their sign
+    is always +1. Embeddings, the patch embedding, the classifier and its input are LSQ at
+    ``e`` bits (default 8). ``weight_granularity``: ``tensor`` (one ``mean|W|``) or
+    ``channel`` (one per output channel, as BiT / BinaryBERT).
+    """
+    if weight_granularity not in ("tensor", "channel"):
+        raise UserError(
+            f"binary option weight_granularity={weight_granularity!r} is invalid; allowed: "
+            "tensor, channel."
+        )
+    e = 8 if e is None else e
+    lsq_w = dict(scheme="symmetric", learn="lsq", estimator="iterative", grad_scale="weight_l1")
+    lsq_a = dict(learn="lsq", estimator="lsq_init", grad_scale="act_qv")
+
+    def weights(bits):
+        if bits == 1:
+            return dict(bits=1, scheme="symmetric", granularity=weight_granularity)
+        return dict(bits=bits, min_scale=1e-4, **lsq_w)
+
+    def acts(bits, scheme="symmetric"):
+        return (
+            dict(bits=1, scheme="symmetric")
+            if bits == 1
+            else dict(bits=bits, scheme=scheme, min_scale=1e-4, **lsq_a)
+        )
+
+    matmul_inputs = r"(^|/)(attn_ln/out|attn/(q|k|v|context)|ffn_ln/out|ffn/act|merge/ln/out)$"
+    return (
+        *_QV_FULL_PRECISION,
+        rule(
+            r"(^|/)embed/|(^|/)(classifier|dist_classifier)/",
+            "weight",
+            "embeddings and classifier at E bits",
+            bits=e,
+            min_scale=1e-4,
+            **lsq_w,
+        ),
+        rule(
+            r"(^|/)attn/(q|k|v|o|qkv)_proj/weight$|(^|/)ffn/fc[12]/weight$"
+            r"|(^|/)merge/reduction/weight$",
+            "weight",
+            "attention, FFN and patch-merging weights",
+            **weights(w),
+        ),
+        rule(
+            r"(^|/)attn/softmax$",
+            "act",
+            "attention probabilities",
+            **acts(softmax_bits, "unsigned"),
+        ),
+        rule(matmul_inputs, "act", "matmul inputs", **acts(a)),
+        rule(r"(^|/)classifier/in$", "act", "classifier input", **acts(e)),
+        rule(r".", label="everything else stays FP", off=True),
+    )
+
+
 PRESETS = {
     "w8a8_all": w8a8_all,
     "os_fastertransformer": os_fastertransformer,
     "qv_lsq": qv_lsq,
     "lsq": lsq,
+    "binary": binary,
 }
 
 
@@ -259,7 +333,7 @@ def setup_rules(setup: str, **options):
 def plan_from_config(cfg: Mapping | None, mode: str | None = None) -> QuantPlan:
     """A plan from a config block (``config.quant``)::
 
-    preset: 'w8a8_all' | 'os_fastertransformer' | 'qv_lsq' | 'lsq' | 'none'
+    preset: 'w8a8_all' | 'os_fastertransformer' | 'qv_lsq' | 'lsq' | 'binary' | 'none'
     bits: 'W8A8'            # shortcut; E defaults to W
     options: {...}          # keyword options of the preset
     rules: [{pattern, kind, off, <QuantSpec fields>}, ...]  # before the preset's rules

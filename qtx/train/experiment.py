@@ -10,7 +10,8 @@ Sections of the ml_collections config (each documented where it is consumed)::
     quant      qtx.quant.plan_from_config; mode 'off' trains in full precision, 'learn' is QAT
     eval       EVAL_DEFAULTS below
     mesh       qtx.train.mesh
-    init_from  '' | a qtx workdir | a local HF checkpoint directory
+    init_from  '' | a qtx workdir | a local HF checkpoint directory | an original-format
+               ViT/DeiT/Swin checkpoint (timm; fused qkv split)
 
 Every invalid value raises ``qtx.errors.UserError`` (a ValueError) naming the field, the allowed
 values and nothing else.
@@ -77,6 +78,11 @@ EVAL_DEFAULTS = dict(
     dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
     max_batches=None,
     figures=True,
+    # Quantization Variation's analysis (qtx.methods.quant_variation.analysis): per-module and
+    # per-head sensitivity at variation_bits, outliers, oscillation -> variation.json / .png
+    variation=False,
+    variation_bits=2,
+    variation_heads=True,
 )
 QAT_INITS = ("calibrate", "token_wise_clipping")
 SECTIONS = ("task", "model", "data", "optim", "train", "quant", "eval", "mesh", "init_from")
@@ -232,6 +238,14 @@ def load(config) -> Experiment:
     for f in ("calib_batches", "calib_batch_size"):
         if isinstance(ev[f], bool) or not isinstance(ev[f], int) or ev[f] < 1:
             raise UserError(f"config.eval.{f}={ev[f]!r} is invalid; allowed: an integer >= 1.")
+    for f in ("variation", "variation_heads", "figures"):
+        if not isinstance(ev[f], bool):
+            raise UserError(f"config.eval.{f}={ev[f]!r} is invalid; allowed: True, False.")
+    vb = ev["variation_bits"]
+    if isinstance(vb, bool) or not isinstance(vb, int) or not 2 <= vb <= 8:
+        raise UserError(
+            f"config.eval.variation_bits={vb!r} is invalid; allowed: an integer in 2..8."
+        )
     _check_ptq(exp)
     bad_mesh = sorted(set(exp.mesh) - set(AXES))
     if bad_mesh:

@@ -25,6 +25,7 @@ from qtx.errors import MissingResources, UserError
 from qtx.evaluate.metrics import glue_task_of, run_eval
 from qtx.methods import quant_variation
 from qtx.models import build, dummy_inputs
+from qtx.models.config import IMAGE_FAMILIES
 from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
 from qtx.train.losses import finite_or_raise, model_inputs, sane_for_checkpoint
@@ -125,7 +126,7 @@ def train(config, workdir: str, devices=None) -> dict:
     """
     exp, mesh, pipe = prepare(config, devices)
     cfg, plan, tr = exp.model, exp.plan, exp.train
-    if cfg.family != "vit" and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
+    if cfg.family not in IMAGE_FAMILIES and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
         raise UserError(
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
             f"tokenizer's {pipe.vocab_size}; allowed: >= {pipe.vocab_size}."

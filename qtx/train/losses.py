@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qtx.models.config import IMAGE_FAMILIES
+
 TASKS = ("clm", "mlm", "classification", "image")
 FAMILIES_OF_TASK = {
     "clm": ("opt",),
     "mlm": ("bert", "roberta"),
     "classification": ("bert", "roberta"),
-    "image": ("vit",),
+    "image": IMAGE_FAMILIES,
 }
 HEAD_OF_TASK = {
     "clm": "clm",
@@ -35,7 +37,7 @@ HEAD_OF_TASK = {
 
 def model_inputs(family: str, batch: dict) -> dict:
     """Keyword arguments of the model call for a batch."""
-    if family == "vit":
+    if family in IMAGE_FAMILIES:
         return {"images": batch["image"]}
     inputs = {"input_ids": batch["input_ids"]}
     if "attention_mask" in batch:

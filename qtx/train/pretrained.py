@@ -1,4 +1,6 @@
-"""Starting a run from pretrained weights (``config.init_from``): a qtx workdir or an HF dir.
+"""Starting a run from pretrained weights (``config.init_from``): a qtx workdir, an HF dir, or
+an original-format ViT / DeiT / Swin checkpoint (timm, the papers' repositories; a file or a
+timm hub directory) whose fused qkv is split (see ``qtx.hf.original``).
 
 The pretrained tensors are copied into the freshly initialised parameter tree of the
 configured model, which may use another attention variant (clipped softmax, gates in
@@ -76,11 +78,17 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load_pretrained(path: str, cfg: ModelConfig):
-    """Pretrained parameters (a tree of numpy arrays) from a qtx workdir or an HF dir."""
+    """Pretrained parameters (a tree of numpy arrays) from a qtx workdir, an HF dir or an
+    original-format checkpoint."""
+    from qtx.hf import original
+
+    if os.path.exists(path) and original.is_original(path):
+        return original.pretrained_params(path, cfg)
     if not os.path.isdir(path):
         raise UserError(
-            f"config.init_from={path!r} is not a directory; allowed: a qtx workdir "
-            "(with checkpoints/) or a local Hugging Face checkpoint directory."
+            f"config.init_from={path!r} is not a directory or checkpoint file; allowed: a qtx "
+            "workdir (with checkpoints/), a local Hugging Face checkpoint directory, or an "
+            f"original-format ViT/DeiT/Swin checkpoint ({', '.join(original.SUFFIXES)})."
         )
     if is_hf_dir(path):
         from qtx import hf

@@ -5,7 +5,10 @@
   ``task_loss_weight=0`` (soft cross-entropy against the teacher, no hard labels) and
   multi-crop batches (``config.data.repeated_aug=4`` with a ``crop_scale``);
 * oscillation-aware bin regularization: :mod:`.obr` (``config.train.obr``);
-* oscillation tracking: :mod:`.oscillation` (``config.train.track_oscillation``).
+* oscillation tracking: :mod:`.oscillation` (``config.train.track_oscillation``);
+* binary mode: the ``binary`` preset;
+* variation analysis (module / head sensitivity, outliers, oscillation): :mod:`.analysis`
+  (``config.eval.variation``).
 
 :func:`train_hooks` gives the training loop what these add to its step (the loss term and the
 tracker's update), through :class:`qtx.train.steps.StepHooks`.
