@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from tiny_runs import glue_ready
 
@@ -38,6 +39,19 @@ POINTS = {
     "vit_s16_gated": {"W8A8": (49, 52)},
     "bert_base_glue": {"W8A8": (137, 144), "os_fastertransformer:W6A6E6": (93, 144)},
 }
+
+
+def run_script(env, script, *args):
+    """Runs ``python <script> <args>`` in the repository; fails the test with its stderr."""
+    r = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def check_schema(res, metric, config, workdir):
@@ -103,15 +117,7 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
         ],
     }.get(config, [])
     for script in ("train.py", "eval.py"):
-        r = subprocess.run(
-            [sys.executable, script, arg, f"--workdir={tmp_path}", *cut],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+        run_script(env, script, arg, f"--workdir={tmp_path}", *cut)
     res = json.loads((tmp_path / "eval.json").read_text())
     check_schema(res, metric, config, tmp_path)
     bad = [p for p, ok in finite_leaves({k: v for k, v in res.items() if k != "figures"}) if not ok]
@@ -129,3 +135,50 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
     # ... and W8A8 stays close to full precision
     w8 = res["quantized"]["W8A8"]
     assert abs(w8["loss"] - fp["loss"]) < 0.1, (w8["loss"], fp["loss"])
+    if config == "opt125m_gated":
+        check_export_reproduces_eval(tmp_path, arg, cut, env, res)
+
+
+def torch_perplexity(model, batches):
+    """exp(mean over batches of the next-token cross-entropy), as ``eval.py`` computes it."""
+    import torch
+
+    means = []
+    with torch.no_grad():
+        for b in batches:
+            ids = torch.tensor(np.asarray(b["input_ids"]), dtype=torch.long)
+            mask = torch.tensor(np.asarray(b["attention_mask"]), dtype=torch.long)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            w = (mask[:, 1:] * mask[:, :-1]).float()
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+            )
+            means.append(float((ce * w).sum() / w.sum()))
+    return math.exp(float(np.mean(means)))
+
+
+def check_export_reproduces_eval(workdir, arg, cut, env, res):
+    """export.py (FP, and --quantize=W8A8) then PyTorch: eval.json's perplexities."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from test_cli import parse
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from qtx.data import make_pipeline
+    from qtx.train import experiment
+
+    exp = experiment.load(parse(arg.split("=", 1)[1], *cut))
+    batches = list(make_pipeline(exp.data, task=exp.task).eval_batches(exp.eval["max_batches"]))
+    torch.set_num_threads(2)
+    for name, extra in (("fp", []), ("W8A8", ["--quantize=W8A8"])):
+        out = workdir / f"hf_{name}"
+        run_script(env, "export.py", arg, f"--workdir={workdir}", f"--out={out}", *cut, *extra)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        model.eval()
+        want = res["fp"] if name == "fp" else res["quantized"][name]
+        if extra:
+            apply = get_class_from_dynamic_module("quantization_qtx.apply_quantization", out)
+            assert len(apply(model, str(out))) == POINTS["opt125m_gated"]["W8A8"][0]
+        got = torch_perplexity(model, batches)
+        print(f"{name}: PyTorch perplexity {got:.6g}, eval.json {want['perplexity']:.6g}")
+        assert got == pytest.approx(want["perplexity"], rel=1e-3), name

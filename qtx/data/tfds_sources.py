@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 from absl import logging
@@ -21,10 +22,27 @@ from absl import logging
 from qtx.errors import UserError
 
 
+@functools.cache
+def tensorflow():
+    """TensorFlow, imported with its start-up log lines kept off stderr: TF >= 2.20 writes
+    them from C++ before its log level applies, so they would break the one-line errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+        import tensorflow_datasets  # noqa: F401  (it loads the rest of TF's native code)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tf
+
+
 def _tfds():
     """Import TFDS, keeping TensorFlow quiet and off any GPU (JAX owns accelerators)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    tf = tensorflow()
     import tensorflow_datasets as tfds
 
     try:
@@ -127,8 +145,7 @@ def load_split(
 ):
     """``tf.data.Dataset`` of one split: file order shuffled with ``shuffle_seed`` when given,
     else the stored order. Reading is deterministic either way."""
-    import tensorflow as tf
-
+    tf = tensorflow()
     tfds = _tfds()
     builder = get_builder(tfds_name, data_dir=data_dir, name=name)
     options = tf.data.Options()

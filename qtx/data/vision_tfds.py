@@ -111,8 +111,7 @@ def _eval_image(tf, raw, st, info):
 
 def build_tfds_image_pipeline(spec: DataSpec, info, st) -> Pipeline:
     """Pipeline for a TFDS image source (see the module docstring)."""
-    import tensorflow as tf
-
+    tf = tfds_sources.tensorflow()
     tfds = tfds_sources._tfds()
     name, train_split, eval_split = info.tfds
     kw = {"data_dir": spec.data_dir, "name": spec.name}

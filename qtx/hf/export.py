@@ -2,9 +2,11 @@
 
 ``export(path, cfg, variables)`` writes ``config.json`` (with ``model_type`` and
 ``architectures``) and ``model.safetensors`` in torch layout, loadable with
-``transformers.AutoModel*.from_pretrained(path)``. Only vanilla architectures can be
-exported: attention variants (gates, clipped / off-by-one softmax), fused QKV and other
-settings HF cannot represent raise ValueError; qtx's own (orbax) checkpoints keep them.
+``transformers.AutoModel*.from_pretrained(path)``. Attention variants (gates, clipped /
+off-by-one softmax) are written with qtx's PyTorch modeling code next to the weights
+(:mod:`qtx.hf.variants`), loadable with ``trust_remote_code=True``. Fused QKV, gamma-migrated
+LayerNorms and other settings HF cannot represent raise UserError; qtx's own (orbax)
+checkpoints keep them.
 
 Parts HF has and qtx lacks (a BERT/ViT pooler of a model without one, BERT's next-sentence
 head) are left out of the file; ``from_pretrained`` initialises them and says so.
@@ -12,6 +14,7 @@ head) are left out of the file; ``from_pretrained`` initialises them and says so
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -19,20 +22,15 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from qtx.errors import UserError
-from qtx.hf import io
+from qtx.hf import io, variants
 from qtx.hf.common import ACTIVATIONS_TO_HF, to_hf
-from qtx.hf.load import CONVERTERS
+from qtx.hf.load import CONVERTERS, full_layout
 from qtx.models.config import ModelConfig
 
 
 def export_problems(cfg: ModelConfig) -> list[str]:
     """Settings of ``cfg`` a HF checkpoint cannot represent (empty when exportable)."""
-    a = cfg.attention
     out = []
-    if a.softmax != "vanilla":
-        out.append(f"config.model.attention.softmax={a.softmax!r}")
-    if a.gate != "none":
-        out.append(f"config.model.attention.gate={a.gate!r}")
     if cfg.fused_qkv:
         out.append("config.model.fused_qkv=True")
     if cfg.activation not in ACTIVATIONS_TO_HF:
@@ -46,13 +44,13 @@ def state_dict_to_hf(cfg: ModelConfig, params: Mapping) -> dict[str, np.ndarray]
     """HF state dict (torch layout, full keys of ``architecture(cfg)``) of ``params``."""
     module = CONVERTERS[cfg.family]
     flat = flatten_dict(dict(params))
-    entries = module.layout(cfg)
+    entries = full_layout(cfg)
     known = {e.ours for e in entries}
     missing = sorted("/".join(e.ours) for e in entries if e.ours not in flat)
     extra = sorted("/".join(p) for p in flat if p not in known)
     if missing or extra:
         raise UserError(
-            f"params do not match the vanilla {cfg.family} model of this config: missing "
+            f"params do not match the {cfg.family} model of this config: missing "
             f"{missing}, not exportable {extra} (quantizer or variant parameters have no HF "
             "equivalent; qtx's own orbax checkpoints keep them)."
         )
@@ -66,7 +64,7 @@ def export(path, cfg: ModelConfig, variables: Mapping) -> str:
     """Writes ``config.json`` + ``model.safetensors`` of ``cfg`` / ``variables`` to ``path``.
 
     Raises:
-      ValueError: naming the ``config.model.*`` settings HF cannot represent.
+      UserError: naming the ``config.model.*`` settings HF cannot represent.
     """
     problems = export_problems(cfg)
     if problems:
@@ -79,6 +77,14 @@ def export(path, cfg: ModelConfig, variables: Mapping) -> str:
     tensors = state_dict_to_hf(cfg, params)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    CONVERTERS[cfg.family].hf_config(cfg).save_pretrained(path)
+    hf_config = CONVERTERS[cfg.family].hf_config(cfg)
+    if variants.is_variant(cfg):
+        config = variants.remote_config(cfg, hf_config.to_dict())
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        variants.copy_remote_code(path)
+    else:
+        hf_config.save_pretrained(path)
     io.write_safetensors(os.path.join(path, io.SAFETENSORS), tensors)
     return path

@@ -23,11 +23,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx.errors import UserError
-from qtx.hf import convert_bert, convert_opt, convert_swin, convert_vit, io
-from qtx.hf.common import to_ours
+from qtx.hf import convert_bert, convert_opt, convert_swin, convert_vit, io, variants
+from qtx.hf.common import Entry, to_ours
 from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
 from qtx.models.registry import build, dummy_inputs
-from qtx.nn.attention import AttentionConfig
 from qtx.quant import QuantPlan
 
 CONVERTERS: dict[str, ModuleType] = {
@@ -40,10 +39,13 @@ CONVERTERS: dict[str, ModuleType] = {
 _BY_MODEL_TYPE = {mt: m for m in set(CONVERTERS.values()) for mt in m.MODEL_TYPES}
 
 
-def _hf_config_object(hf_config):
-    if not isinstance(hf_config, Mapping):
-        return hf_config  # a transformers PretrainedConfig
-    d = dict(hf_config)
+def full_layout(cfg: ModelConfig) -> list[Entry]:
+    """The family's layout of ``cfg`` plus the gate parameters of its attention variant."""
+    layout = CONVERTERS[cfg.family].layout(cfg)
+    return layout + variants.gate_entries(cfg, layout)
+
+
+def _hf_config_object(d: dict):
     if d.get("model_type") not in _BY_MODEL_TYPE:
         raise UserError(
             f"Hugging Face model_type={d.get('model_type')!r} is not supported; allowed: "
@@ -71,14 +73,17 @@ def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
     """ModelConfig of a HF config (``config.json`` dict or ``PretrainedConfig``).
 
     The family comes from ``model_type`` (bert, roberta, opt, vit, deit, swin), the head from
-    ``architectures[0]`` (base models: ``none``) unless ``head`` is given.
+    ``architectures[0]`` (base models: ``none``) unless ``head`` is given. A qtx export with
+    an attention variant (``model_type`` ``qtx_*``) gives its ``qtx_attention``.
     """
-    c = _hf_config_object(hf_config)
-    if c.model_type not in _BY_MODEL_TYPE:
-        raise UserError(f"Hugging Face model_type={c.model_type!r} is not supported.")
+    if not isinstance(hf_config, Mapping):  # a transformers PretrainedConfig
+        hf_config = hf_config.to_dict()
+    d, attention = variants.native_config(hf_config)
+    c = _hf_config_object(d)
     module = _BY_MODEL_TYPE[c.model_type]
     arch, head = _arch_and_head(c, module, head)
-    return module.config_from_hf(c, arch, head)
+    cfg = module.config_from_hf(c, arch, head)
+    return cfg if attention is None else cfg.replace(attention=attention)
 
 
 def _convert(sd: Mapping, cfg: ModelConfig):
@@ -87,7 +92,7 @@ def _convert(sd: Mapping, cfg: ModelConfig):
     checkpoint value."""
     module = CONVERTERS[cfg.family]
     sd, _ = module.canonical(dict(sd), cfg)
-    layout = module.layout(cfg)
+    layout = full_layout(cfg)
     entries = {e.hf: e for e in layout}
     unknown = sorted(k for k in sd if k not in entries)
     if unknown:
@@ -201,8 +206,8 @@ def load(
             warnings.warn(
                 f"head={cfg.head!r}: dropped the checkpoint's head key(s) {thrown}.", stacklevel=2
             )
-    vanilla = cfg.replace(attention=AttentionConfig())
-    vanilla_shapes = flatten_dict(_shapes(build(vanilla), vanilla, seed)["params"])
+    stored = cfg.replace(attention=ckpt_cfg.attention)  # the checkpoint's own attention
+    vanilla_shapes = flatten_dict(_shapes(build(stored), stored, seed)["params"])
     fresh = _check_against(flat, origin, vanilla_shapes, fresh_ok, cfg)
     if fresh:
         warnings.warn(
@@ -213,7 +218,14 @@ def load(
         cfg = model_config_from_dict({"attention": dict(attention)}, cfg)
     model = build(cfg, plan)
     shapes = _shapes(model, cfg, seed)
-    needs_init = set(shapes) != {"params"} or set(flatten_dict(shapes["params"])) != set(flat)
+    model_paths = set(flatten_dict(shapes["params"]))
+    dropped = sorted(origin[p] for p in flat if p not in model_paths)
+    if dropped:
+        raise UserError(
+            f"checkpoint key(s) {dropped} (its attention variant's gates) have no place in the "
+            f"model with attention={dict(attention or {})}; keep the checkpoint's gate type."
+        )
+    needs_init = set(shapes) != {"params"} or model_paths != set(flat)
     if needs_init:
         variables = model.init(jax.random.key(seed), **dummy_inputs(cfg, batch=1, seq_len=4))
         params = flatten_dict(variables["params"])

@@ -1,0 +1,43 @@
+"""Exports a trained workdir as a Hugging Face directory, ready for ``from_pretrained``.
+
+    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \
+        --out=runs/opt_tiny_hf
+    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \
+        --out=runs/opt_tiny_w8a8 --quantize=W8A8
+
+Writes config.json, model.safetensors and the tokenizer of the newest intact checkpoint (or
+--step). Attention variants (clipped / off-by-one softmax, gates) ship qtx's PyTorch modeling
+code (load with ``trust_remote_code=True``); a QAT-trained model, or --quantize=SETUP (calibrated
+as eval.py does), adds quantization.json/.safetensors and quantization_qtx.py.
+A user error prints one line (``error: ...``) and exits with status 2.
+"""
+
+from absl import flags
+from ml_collections import config_flags
+
+from qtx import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (new or empty).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest intact one).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --out.")
+_QUANTIZE = flags.DEFINE_string(
+    "quantize", None, "Calibrate this PTQ setup (e.g. W8A8) and write its sidecar."
+)
+flags.mark_flags_as_required(["config", "out"])
+
+
+def main(argv):
+    del argv
+    from qtx.hf.export_run import export_workdir
+    from qtx.train.experiment import default_workdir
+
+    workdir = _WORKDIR.value or default_workdir(cli.config_path())
+    export_workdir(
+        _CONFIG.value, workdir, _OUT.value, _STEP.value, _OVERWRITE.value, _QUANTIZE.value
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main, "export.py")
