@@ -84,12 +84,13 @@ def build_sidecar(
         if spec is None or mode == "off":
             continue
         path = tuple(name.split("/"))
+        qmin, qmax = quant.grid_bounds(spec.bits, spec.scheme) if spec.bits > 1 else (-1, 1)
         p = {
             "kind": kind,
             "bits": spec.bits,
             "scheme": spec.scheme,
-            "qmin": quant.grid_bounds(spec.bits, spec.scheme)[0] if spec.bits > 1 else -1,
-            "qmax": quant.grid_bounds(spec.bits, spec.scheme)[1] if spec.bits > 1 else 1,
+            "qmin": qmin,
+            "qmax": qmax,
             "granularity": spec.granularity,
             "estimator": spec.estimator,
             "learn": spec.learn,

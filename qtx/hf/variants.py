@@ -21,7 +21,6 @@ Gate parameters of layer ``i`` (in layout order) have the canonical keys ``qtx_g
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Mapping
 
 from qtx.errors import UserError
@@ -146,5 +145,4 @@ def copy_remote_code(path: str) -> None:
     """Copies the PyTorch modeling code into the export directory ``path``."""
     from qtx.hf import remote
 
-    for name in remote.FILES:
-        shutil.copyfile(remote.DIR / name, f"{path}/{name}")
+    remote.copy_code(path)

@@ -14,7 +14,12 @@ FILES = ("configuration_qtx.py", "modeling_qtx.py")
 QUANT_FILE = "quantization_qtx.py"
 
 
+def copy_code(path: str, quantization: bool = False) -> None:
+    """Copies the modeling and configuration code (and the quantization code) into ``path``."""
+    for name in (*FILES, QUANT_FILE) if quantization else FILES:
+        shutil.copyfile(DIR / name, f"{path}/{name}")
+
+
 def copy_all(path: str) -> None:
     """Copies the modeling, configuration and quantization code into ``path``."""
-    for name in (*FILES, QUANT_FILE):
-        shutil.copyfile(DIR / name, f"{path}/{name}")
+    copy_code(path, quantization=True)
