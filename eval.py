@@ -2,9 +2,12 @@
 
     python eval.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny
     python eval.py --config=configs/bert_base_vanilla.py --hf_checkpoint=/path/to/hf/dir
+    python eval.py --config=configs/opt125m_gated.py:tiny --int8=runs/opt_tiny_int8
 
 Loads the newest intact checkpoint in --workdir (or --hf_checkpoint), then writes
-<workdir>/eval.json, outliers.png and attention_mass.png and prints a table.
+<workdir>/eval.json, outliers.png and attention_mass.png and prints a table. With --int8 it
+evaluates an integer model written by ``export.py --int8`` next to its fake-quant twin
+(-> <int8 dir>/eval.json).
 A user error prints one line (``error: ...``) and exits with status 2.
 """
 
@@ -16,6 +19,7 @@ from qtx import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
 _HF = flags.DEFINE_string("hf_checkpoint", None, "Evaluate a local Hugging Face checkpoint.")
+_INT8 = flags.DEFINE_string("int8", None, "Evaluate an int8 directory (export.py --int8).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -23,6 +27,16 @@ def main(argv):
     del argv
     from qtx.evaluate.runner import evaluate
     from qtx.train.experiment import default_workdir
+
+    if _INT8.value:
+        from qtx.errors import UserError
+        from qtx.evaluate.integer import evaluate_directory
+
+        if _HF.value:
+            raise UserError("--int8 and --hf_checkpoint exclude each other; allowed: one of them.")
+
+        evaluate_directory(_CONFIG.value, _INT8.value)
+        return
 
     workdir = _WORKDIR.value or default_workdir(cli.config_path())
     evaluate(_CONFIG.value, workdir, _HF.value)

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from test_cli import parse  # noqa: E402
+from tiny_runs import ONE_LAYER_OPT  # noqa: E402
 
 from qtx.errors import UserError  # noqa: E402
 from qtx.hf.export_run import _restore, export_workdir  # noqa: E402
@@ -18,15 +19,7 @@ from qtx.train.loop import train  # noqa: E402
 
 torch.set_num_threads(2)
 QAT = (  # the tiny gated OPT, one narrow layer, 3 steps of W4A4 module-dependent LSQ
-    "--config.model.num_layers=1",
-    "--config.model.hidden_size=32",
-    "--config.model.num_heads=2",
-    "--config.model.intermediate_size=64",
-    "--config.data.seq_len=16",
-    "--config.data.batch_size=8",
-    "--config.train.steps=3",
-    "--config.train.checkpoint_every=3",
-    "--config.train.eval_every=0",
+    *ONE_LAYER_OPT,
     "--config.quant.preset=qv_lsq",
     "--config.quant.bits=W4A4",
     "--config.quant.mode=learn",

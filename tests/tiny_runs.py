@@ -10,6 +10,19 @@ import runpy
 import sys
 import time
 
+# the tiny gated OPT narrowed to one layer, 3 steps (config overrides for in-process runs)
+ONE_LAYER_OPT = (
+    "--config.model.num_layers=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.data.seq_len=16",
+    "--config.data.batch_size=8",
+    "--config.train.steps=3",
+    "--config.train.checkpoint_every=3",
+    "--config.train.eval_every=0",
+)
+
 
 def glue_ready() -> bool:
     """Whether the offline GLUE runs can run: the MiniLM package and ../shared's SST-2."""

@@ -55,6 +55,7 @@ def evaluate_setup(
     method: str | None = None,
     ptq_options: dict | None = None,
     select_by: str | None = None,
+    keep: list | None = None,
 ) -> tuple[dict, quant.MatchReport, float, dict]:
     """Calibrates ``setup`` (``sequential`` or ``parallel``, see :class:`qtx.quant.QuantPlan`),
     with its preset's estimators or with a post-training ``method`` (see
@@ -63,7 +64,8 @@ def evaluate_setup(
     ``run(model, variables)`` evaluates a model and returns its metrics. Returns ``(metrics,
     match report, calibration seconds, method details)``; a method with several candidates
     (percentile) reports the best by ``select_by`` (default accuracy, or perplexity; lower is
-    better only for perplexity) and the seconds of all of them.
+    better only for perplexity) and the seconds of all of them. ``keep``, a list, receives
+    ``(model config, plan, variables)`` of the setup evaluated (the best candidate).
     """
     if method is None:
         t0 = time.perf_counter()
@@ -72,6 +74,8 @@ def evaluate_setup(
         variables = jax.block_until_ready(calibrate_setup(cfg, plan, params, calib))
         seconds = time.perf_counter() - t0
         model = build(cfg, plan)
+        if keep is not None:
+            keep.append((cfg, plan, variables))
         return run(model, variables), _report(cfg, plan, model, variables), seconds, {}
     from qtx.methods.outlier_suppression import calibrate_method
 
@@ -82,8 +86,10 @@ def evaluate_setup(
         r = run(model, c.variables)
         tried.append({**c.info, **scores(r)})
         if best is None or _better(r, best[0], select_by):
-            best = (r, _report(c.cfg, c.plan, model, c.variables), c.info)
-    r, report, info = best
+            best = (r, _report(c.cfg, c.plan, model, c.variables), c.info, c)
+    r, report, info, c = best
+    if keep is not None:
+        keep.append((c.cfg, c.plan, c.variables))
     if len(tried) > 1:
         info = {**info, "candidates": tried}
     return r, report, seconds, info

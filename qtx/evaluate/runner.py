@@ -9,10 +9,12 @@ Writes ``<workdir>/eval.json``::
                             "calibration_seconds": s, "details": {...}, "points": {...}},
                    ...}}
 
-(with ``config.eval.ptq_methods`` the names are ``<setup>/<method>``), prints the same as a
-table, and draws ``outliers.png`` and ``attention_mass.png``. With ``config.eval.variation``
-it also writes ``variation.json`` and ``variation.png`` (see
-``qtx.methods.quant_variation.analysis``).
+(with ``config.eval.ptq_methods`` the names are ``<setup>/<method>``; with
+``config.eval.integer`` every quantized entry also has ``"integer": {metric, "max_logit_diff",
+"weight_bytes", "float_weight_bytes", "integer_matmuls", "float_matmuls"}``, its integer
+model's), prints the same as a table, and draws ``outliers.png`` and
+``attention_mass.png``. With ``config.eval.variation`` it also writes ``variation.json`` and
+``variation.png`` (see ``qtx.methods.quant_variation.analysis``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 from qtx import quant
 from qtx.errors import UserError
 from qtx.evaluate import figures
+from qtx.evaluate.integer import evaluate_integer
 from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval, scores
 from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.evaluate.ptq import evaluate_setup
@@ -116,15 +119,25 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         f"avg kurtosis {out['avg_kurtosis']:.4g}"
     )
 
+    def integer(cell_cfg, plan, variables):
+        if not ev["integer"]:
+            return {}
+        batches = pipe.eval_batches(ev["max_batches"])
+        r = evaluate_integer(cell_cfg, plan, variables, run, batches, to_dev, metric)
+        say(f"  integer model: {metric} {r[metric]:.4g}, max logit diff {r['max_logit_diff']:.3g}")
+        return {"integer": r}
+
     if needs_calibration(exp.plan) and extra:
         trained = build(cfg, exp.plan.with_mode("quantize"))
         r = run(trained, {"params": params, **extra})
         results["quantized"]["trained"] = {metric: r[metric], **scores(r), "loss": r["loss"]}
+        results["quantized"]["trained"].update(integer(cfg, exp.plan, {"params": params, **extra}))
     calib = [
         to_dev(b) for b in pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
     ]
     host_params = fetch(params)
     for name, setup, method in exp.eval_cells():
+        kept = []
         r, report, seconds, info = evaluate_setup(
             cfg,
             setup,
@@ -136,6 +149,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
             method,
             ev["ptq_options"],
             metric,
+            kept,
         )
         results["quantized"][name] = {
             metric: r[metric],
@@ -151,6 +165,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
                 "unmatched": report.unmatched_points,
                 "unused_rules": report.unused_rules,
             },
+            **integer(*kept[0]),
         }
         say(
             f"{name}: {metric} {r[metric]:.4g} ({len(report.quantized)} of "
@@ -231,6 +246,8 @@ def format_table(results: dict, metric: str) -> str:
     for k, v in results["quantized"].items():
         secs = v.get("calibration_seconds")
         rows.append((k, fmt(v[metric]), "", "", "" if secs is None else f"{secs:.1f}"))
+        if "integer" in v:
+            rows.append((f"{k} int8", fmt(v["integer"][metric]), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -161,3 +161,48 @@ def export_workdir(
     files = sorted(os.listdir(out))
     say(f"wrote {', '.join(files)}" + (f" ({points} quantized points)" if points else ""))
     return {"step": int(step), "out": out, "files": files, "quantized_points": points}
+
+
+def export_integer(
+    config,
+    workdir: str,
+    out: str,
+    step: int | None = None,
+    overwrite: bool = False,
+    quantize: str | None = None,
+) -> dict:
+    """``export.py --int8``: the integer model (int8 weights, scales, zero points and
+    activation ranges, see :mod:`qtx.evaluate.integer`) of the PTQ setup ``quantize`` or of
+    a QAT-trained workdir, written to ``out``."""
+    from qtx.evaluate import integer
+
+    exp = experiment_lib.load(config)
+    trained_quant = needs_calibration(exp.plan)
+    if quantize is not None:
+        quant.setup_rules(quantize, **dict(exp.eval["options"] or {}))  # validates the setup
+    elif not trained_quant:
+        raise UserError(
+            "--int8 needs --quantize=SETUP (e.g. W8A8) or a workdir trained with quantizers "
+            "(config.quant); this config trains in full precision."
+        )
+    _check_out(out, overwrite)
+    step, params, extra = _restore(exp, workdir, step, trained_quant)
+    if quantize is not None:
+        model_params = jax.device_get(_model_params(exp.model, params))
+        plan, variables = _calibrated(exp, config, model_params, quantize)
+    else:
+        plan, variables = exp.plan, {"params": params, **extra}
+    iplan, int_vars, report = integer.to_integer(exp.model, plan, variables)
+    if os.path.isdir(out) and overwrite:
+        for name in (integer.CONFIG_FILE, integer.WEIGHTS_FILE, "eval.json"):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    source = {"workdir": workdir, "step": int(step), "setup": quantize or "trained"}
+    files = integer.save(out, exp.model, plan, int_vars, report, source)
+    ratio = report.float_weight_bytes / max(report.weight_bytes, 1)
+    say(
+        f"wrote {', '.join(files)} to {out}: {report.weights} int8 weights, "
+        f"{report.weight_bytes / 2**20:.2f} MiB ({ratio:.2f}x smaller than float32), "
+        f"{len(report.integer_matmuls)} integer matmuls, {len(report.float_matmuls)} in float"
+    )
+    return {"step": int(step), "out": out, "files": files, **report.summary()}

@@ -23,6 +23,7 @@ from qtx.models.config import ModelConfig
 from qtx.nn.layers import Dense, Embed, LayerNorm
 from qtx.nn.transformer import ACTIVATIONS, run_layers
 from qtx.quant import QuantPlan, QuantPoint
+from qtx.quant.integer import as_float
 
 
 def roberta_position_ids(input_ids, pad_token_id: int):
@@ -44,7 +45,7 @@ class BertEmbeddings(nn.Module):
         self.position = Embed(c.max_positions, c.hidden_size, p, init, c.compute_dtype)
         self.token_type = Embed(c.type_vocab_size, c.hidden_size, p, init, c.compute_dtype)
         self.sum = QuantPoint(p)
-        self.ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated)
+        self.ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, input_ids, token_type_ids, deterministic=True):
@@ -97,6 +98,7 @@ class Bert(nn.Module):
             output_hidden_states,
             embed.ln.migrated_gamma() if c.gamma_migrated else None,
         )
+        hq, h = h, as_float(h)  # hq: a QArray in an integer plan (the MLM transform's input)
         out = {"last_hidden_state": h}
         if output_hidden_states:
             out["hidden_states"] = states
@@ -108,7 +110,7 @@ class Bert(nn.Module):
             x = dropout(out["pooled"], deterministic=deterministic or c.dropout == 0)
             out["logits"] = Classifier(c.num_labels, p, init, c.compute_dtype, name="classifier")(x)
         elif c.head == "mlm":
-            out["logits"] = MLMHead(c, p, name="mlm_head")(h, embed.word.attend)
+            out["logits"] = MLMHead(c, p, name="mlm_head")(hq, embed.word.attend)
         return out
 
 
@@ -121,7 +123,7 @@ class Pooler(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, p = self.cfg, self.plan
-        x = QuantPoint(p, name="in")(x)
+        x = QuantPoint(p, name="in", operand=True)(x)
         init = nn.initializers.normal(c.init_std)
         x = jnp.tanh(Dense(c.hidden_size, p, True, init, c.compute_dtype, name="dense")(x))
         return QuantPoint(p, name="out")(x)
@@ -137,7 +139,7 @@ class Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = QuantPoint(self.plan, name="in")(x)
+        x = QuantPoint(self.plan, name="in", operand=True)(x)
         x = Dense(self.num_labels, self.plan, True, self.kernel_init, self.dtype, name="dense")(x)
         return QuantPoint(self.plan, name="logits")(x.astype(jnp.float32))
 

@@ -121,8 +121,9 @@ class SwinBlock(nn.Module):
         )
         self.rel_pos = RelativePositionBias(self.window, c.num_heads)
         self.ffn = FFN(c, p)
+        # the attention input is padded and windowed first (stays float in an integer plan)
         self.attn_ln = LayerNorm(p, c.ln_eps)
-        self.ffn_ln = LayerNorm(p, c.ln_eps)
+        self.ffn_ln = LayerNorm(p, c.ln_eps, operand=True)
         self.residual_attn = QuantPoint(p)
         self.residual_ffn = QuantPoint(p)
         self.drop = nn.Dropout(c.dropout)
@@ -168,7 +169,7 @@ class PatchMerging(nn.Module):
         b, h, w, c = x.shape
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, r::2, s::2] for s in range(2) for r in range(2)], axis=-1)
-        x = LayerNorm(self.plan, self.ln_eps, name="ln")(x)
+        x = LayerNorm(self.plan, self.ln_eps, operand=True, name="ln")(x)
         init = nn.initializers.normal(self.init_std)
         return Dense(2 * c, self.plan, False, init, self.dtype, name="reduction")(x)
 

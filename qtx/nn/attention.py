@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from qtx.errors import UserError
 from qtx.nn.layers import Dense
 from qtx.quant import QuantPlan, QuantPoint
+from qtx.quant.integer import as_float, matmul, relayout
 
 ATTENTION = "attention"  # collection of attention probabilities, when made mutable
 SOFTMAXES = ("vanilla", "clipped", "off_by_one")
@@ -212,6 +213,8 @@ class MultiHeadAttention(nn.Module):
     ``mask``: bool (B, 1 or H, T, S), True where attention is allowed. ``token_mask``: bool
     (B, T) of real tokens, used by per-head gates. ``score_bias`` (1 or B, H, T, S) is added
     to the scaled scores before the ``scores`` point (Swin's relative position bias).
+    ``x`` may be a QArray (a quantized LayerNorm output in an integer plan); ``q k^T``
+    (``qk``) and ``probs v`` (``pv``) run as integer matmuls when their inputs are quantized.
     """
 
     num_heads: int
@@ -234,6 +237,7 @@ class MultiHeadAttention(nn.Module):
             raise UserError(f"hidden_size={d} is not divisible by num_heads={h}.")
         dh = d // h
         p = self.plan
+        name = "/".join(self.path)
 
         def dense(name, features, std=None):
             if name[0] in self.torch_init:  # PyTorch's default Linear init, weight and bias
@@ -247,25 +251,33 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (dense(n, d)(x) for n in ("q_proj", "k_proj", "v_proj"))
         split = lambda y: y.reshape(b, t, h, dh)  # noqa: E731
-        q = QuantPoint(p, head_axis=2, name="q")(split(q))
-        k = QuantPoint(p, head_axis=2, name="k")(split(k))
-        v = QuantPoint(p, head_axis=2, name="v")(split(v))
-        scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.asarray(math.sqrt(dh), q.dtype)
+        q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q))
+        k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k))
+        v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v))
+        qk = lambda lhs, rhs: jnp.einsum("bthd,bshd->bhts", lhs, rhs)  # noqa: E731
+        dtype = as_float(q).dtype
+        scores = matmul("bthd,bshd->bhts", q, k, qk, f"{name}/qk", not p.float_matmuls).astype(
+            dtype
+        )
+        scores = scores / jnp.asarray(math.sqrt(dh), dtype)
         if score_bias is not None:
             scores = scores + score_bias.astype(scores.dtype)
         scores = QuantPoint(p, head_axis=1, name="scores")(scores)
         if mask is not None:
             scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = attention_probs(scores, self.cfg).astype(self.dtype)
-        probs = QuantPoint(p, head_axis=1, name="softmax")(probs)
+        probs = QuantPoint(p, head_axis=1, operand=True, name="softmax")(probs)
         if self.is_mutable_collection(ATTENTION) and not self.is_initializing():
-            self.sow(ATTENTION, "probs", probs)  # for the no-op attention figures
+            self.sow(ATTENTION, "probs", as_float(probs))  # for the no-op attention figures
         if self.dropout > 0 and not deterministic:
-            probs = nn.Dropout(self.dropout)(probs, deterministic=False)
-        context = jnp.einsum("bhts,bshd->bthd", probs, v)
+            probs = nn.Dropout(self.dropout)(as_float(probs), deterministic=False)
+        pv = lambda lhs, rhs: jnp.einsum("bhts,bshd->bthd", lhs, rhs)  # noqa: E731
+        context = matmul("bhts,bshd->bthd", probs, v, pv, f"{name}/pv", not p.float_matmuls)
+        context = context.astype(jnp.result_type(as_float(probs), as_float(v)))
         if self.cfg.gate != "none":
-            pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(x, token_mask)
+            pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(as_float(x), token_mask)
             context = context * pi[..., None].astype(context.dtype)
-        context = QuantPoint(p, head_axis=2, name="context")(context)
-        out = dense("o_proj", d, self.out_init_std)(context.reshape(b, t, d))
+        context = QuantPoint(p, head_axis=2, operand=True, name="context")(context)
+        context = relayout(context, lambda y: y.reshape(b, t, d))
+        out = dense("o_proj", d, self.out_init_std)(context)
         return QuantPoint(p, name="out")(out)

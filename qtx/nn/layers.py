@@ -2,9 +2,12 @@
 
 Every layer quantizes its weight through a :class:`~qtx.quant.QuantPoint` named ``weight``
 (so ``layer_3/ffn/fc1/weight``); LayerNorm also owns the point ``out`` on its output. Biases
-and LayerNorm's beta are never quantized. Parameters are float32; matmuls run in ``dtype``
-(bfloat16 for mixed precision). Embedding lookups, patch embeddings and LayerNorm return
-float32, so the residual stream stays float32 in mixed precision (as PyTorch AMP keeps it).
+and LayerNorm's beta are never quantized. In an integer plan, Dense runs ``x @ W`` as an int8
+matmul when both are quantized (:func:`qtx.quant.integer.matmul`) and reads converted int8
+weights from ``quant_int`` (:func:`quantized_weight`). Parameters are float32; matmuls run
+in ``dtype`` (bfloat16 for mixed precision). Embedding lookups, patch embeddings and
+LayerNorm return float32, so the residual stream stays float32 in mixed precision (as
+PyTorch AMP keeps it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 
 from qtx.errors import UserError
 from qtx.quant import QuantPlan, QuantPoint
+from qtx.quant.integer import as_float, dense_subscripts, matmul
 
 Dtype = Any
 
@@ -34,13 +38,33 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        kernel = QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(kernel)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        """``x`` (..., in), a float array or a QArray -> (..., features) in ``dtype``."""
+        shape = (x.shape[-1], self.features)
+        kernel = quantized_weight(self, "kernel", self.kernel_init, shape, self.plan)
+        dtype = self.dtype
+        y = matmul(
+            dense_subscripts(len(x.shape)),
+            x,
+            kernel,
+            lambda a, w: jnp.dot(a.astype(dtype), w.astype(dtype)),
+            "/".join(self.path),
+            not self.plan.float_matmuls,
+        ).astype(dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return QuantPoint(self.plan, name="out")(y) if self.out_point else y
+
+
+def quantized_weight(module: nn.Module, name: str, init, shape, plan: QuantPlan):
+    """``module``'s weight ``name`` behind its point ``weight`` (per-channel axis -1): a float
+    array, or in an integer plan a QArray (stored int8 codes of a converted model, else the
+    float parameter quantized here)."""
+    point = QuantPoint(plan, "weight", channel_axis=-1, operand=True, name="weight")
+    stored = point.stored_weight(shape)
+    if stored is not None:
+        return stored
+    return point(module.param(name, init, shape, jnp.float32))
 
 
 class Embed(nn.Module):
@@ -81,6 +105,7 @@ class LayerNorm(nn.Module):
     plan: QuantPlan = QuantPlan()
     eps: float = 1e-5
     non_scaling: bool = False
+    operand: bool = False  # the output feeds matmuls (a QArray in an integer plan)
 
     @nn.compact
     def __call__(self, x):
@@ -95,7 +120,7 @@ class LayerNorm(nn.Module):
             y = jnp.where(scale != 0, y, 0.0)
         else:
             y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
-        return QuantPoint(self.plan, name="out")(y + bias)
+        return QuantPoint(self.plan, name="out", operand=self.operand)(y + bias)
 
     def migrated_gamma(self):
         """(D,) float32 ``where(gamma == 0, 1, gamma)``: what a non-scaling LN's consumers
@@ -126,10 +151,9 @@ class PatchEmbed(nn.Module):
                 f"image size {h}x{w} is not divisible by patch_size={p}; allowed: image sizes "
                 f"that are multiples of {p}."
             )
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32
-        )
-        kernel = QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(kernel)
+        shape = (p, p, c, self.features)
+        init = nn.initializers.lecun_normal()
+        kernel = as_float(quantized_weight(self, "kernel", init, shape, self.plan))
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
         y = jnp.dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from qtx.nn.attention import AttentionConfig, MultiHeadAttention
 from qtx.nn.layers import Dense, LayerNorm
 from qtx.quant import QuantPlan, QuantPoint
+from qtx.quant.integer import as_float
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -77,7 +78,7 @@ class FFN(nn.Module):
         out_init = nn.initializers.normal(c.out_init_std or c.init_std)
         h = Dense(c.intermediate_size, p, c.use_bias, init, c.dtype, name="fc1")(x)
         h = QuantPoint(p, name="hidden")(h)
-        h = QuantPoint(p, name="act")(ACTIVATIONS[c.activation](h))
+        h = QuantPoint(p, name="act", operand=True)(ACTIVATIONS[c.activation](h))
         h = Dense(x.shape[-1], p, c.use_bias, out_init, c.dtype, name="fc2")(h)
         return QuantPoint(p, name="out")(h)
 
@@ -118,8 +119,9 @@ class TransformerLayer(nn.Module):
             torch_init=c.attn_torch_init,
         )
         self.ffn = FFN(c, p)
-        self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated)
-        self.ffn_ln = LayerNorm(p, c.ln_eps, non_scaling=self.output_ln_migrated)
+        # both LayerNorms feed matmuls (the branch, or in post-LN the FFN / the next layer)
+        self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
+        self.ffn_ln = LayerNorm(p, c.ln_eps, non_scaling=self.output_ln_migrated, operand=True)
         self.residual_attn = QuantPoint(p)
         self.residual_ffn = QuantPoint(p)
         self.drop = nn.Dropout(c.dropout)
@@ -135,6 +137,8 @@ class TransformerLayer(nn.Module):
         return self.ffn_ln.migrated_gamma()
 
     def __call__(self, x, mask=None, token_mask=None, deterministic=True, shortcut_gamma=None):
+        """``x``: float, or in an integer plan a QArray (a post-LN layer's input is the
+        previous LayerNorm's output); returns the same kind."""
         c = self.cfg
 
         def branch(y):
@@ -147,9 +151,11 @@ class TransformerLayer(nn.Module):
             f = branch(self.ffn(self.ffn_ln(x), deterministic))
             return self.residual_ffn(x + f)
         a = branch(self.attn(x, mask, token_mask, deterministic))
+        x = as_float(x)
         shortcut = x if shortcut_gamma is None else x * shortcut_gamma
-        x = self.attn_ln(self.residual_attn(shortcut + a))
-        f = branch(self.ffn(x, deterministic))
+        xq = self.attn_ln(self.residual_attn(shortcut + a))
+        f = branch(self.ffn(xq, deterministic))
+        x = as_float(xq)
         if c.gamma_migrated:
             x = x * self.attn_ln.migrated_gamma()
         return self.ffn_ln(self.residual_ffn(x + f))
@@ -177,9 +183,10 @@ def run_layers(
     with gamma migration they are reported with their gamma applied, as the original model's).
     ``linear_drop_path``: layer i drops its branches with rate ``cfg.drop_path * i / (L - 1)``
     (DeiT / timm's stochastic depth) instead of ``cfg.drop_path`` everywhere.
+    In an integer plan ``x`` and the result may be QArrays (post-LN); ``states`` are float.
     """
     layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if remat else TransformerLayer
-    states = [x if shortcut_gamma is None else x * shortcut_gamma]
+    states = [as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma]
     for i in range(num_layers):
         head_ln = not cfg.pre_ln and i == num_layers - 1
         layer_cfg = cfg
@@ -189,5 +196,5 @@ def run_layers(
         layer = layer_cls(layer_cfg, plan, head_ln, name=f"layer_{i}")
         x = layer(x, mask, token_mask, deterministic, shortcut_gamma)
         shortcut_gamma = layer.output_gamma()
-        states.append(x if shortcut_gamma is None else x * shortcut_gamma)
+        states.append(as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma)
     return x, (tuple(states) if collect else None)

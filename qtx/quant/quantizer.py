@@ -23,6 +23,12 @@ view, differentiable), ``step`` and ``offset`` (so ``code = clip(round((w - offs
 qmin, qmax)``) and the grid's integer ``levels`` ``qmin, ..., qmax``. Weight regularisers
 (bin regularisation) and oscillation tracking read them from the training forward pass.
 
+In an integer plan (``plan.integer``), a point marked ``operand`` (its output feeds a matmul)
+returns a :class:`~qtx.quant.integer.QArray`: int8 codes, scale and zero point, and the float
+value fake quant would have returned. A weight point of a converted model reads its codes from
+the ``quant_int`` collection (:meth:`QuantPoint.stored_weight`); with that collection mutable,
+it writes them there (the conversion pass, see ``qtx.quant.convert``).
+
 Points also answer three questions without touching the data: which points exist
 (:func:`list_points`: a pass with the ``quant_points`` collection mutable records every point
 and quantizes nothing); for the plan's tracked points, the per-sequence outlier statistics
@@ -40,6 +46,15 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx.errors import UserError
 from qtx.quant import estimators
+from qtx.quant.integer import (
+    PACKED_BITS,
+    QArray,
+    as_float,
+    code_shift,
+    dequantize,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
 from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
 from qtx.quant.ranges import (
@@ -59,6 +74,8 @@ POINTS = "quant_points"
 OBSERVED = "intermediates"
 TOKENS = "quant_tokens"
 WEIGHTS = "quant_weights"
+INT = "quant_int"
+INTEGER_BITS = 8  # the widest grid the integer path holds (int8 codes)
 
 
 def token_extremes(x, head_axis: int | None = None):
@@ -85,15 +102,18 @@ class QuantPoint(nn.Module):
       kind: ``act`` or ``weight``.
       channel_axis: default axis of per-channel granularity (weights: the output axis).
       head_axis: the head axis of attention tensors, for ``granularity='head'``.
+      operand: the output feeds a matmul; in an integer plan it is returned as a QArray.
     """
 
     plan: QuantPlan = QuantPlan()
     kind: str = "act"
     channel_axis: int | None = -1
     head_axis: int | None = None
+    operand: bool = False
 
     @nn.compact
     def __call__(self, x):
+        x = as_float(x)
         name = "/".join(self.path)
         if self.is_mutable_collection(POINTS) and not self.is_initializing():
             # A listing pass (see list_points): record the point, change nothing.
@@ -110,7 +130,72 @@ class QuantPoint(nn.Module):
             self.put_variable(TOKENS, "min", lo)
         if spec is None or mode == "off":
             return x
+        if self.plan.integer and mode == "learn":
+            mode = "quantize"
         return self._quantize(x, spec, mode, name)
+
+    def _integer(self, spec: QuantSpec, view, name: str) -> bool:
+        """Whether this point hands a QArray to its matmul."""
+        if not (self.plan.integer and self.operand):
+            return False
+        if spec.bits > INTEGER_BITS:
+            raise UserError(
+                f"quantization point '{name}' has bits={spec.bits}; the integer model holds "
+                f"1..{INTEGER_BITS} bits at matmul inputs (int8 codes); quantize it with at "
+                f"most {INTEGER_BITS} bits or evaluate it in fake quant."
+            )
+        return view.view_shape == view.shape  # a group view has no per-element scale layout
+
+    def stored_weight(self, shape: tuple[int, ...]) -> QArray | None:
+        """The converted weight (a QArray of ``shape``) when this point's codes are stored in
+        ``quant_int``, else None (the caller quantizes its float weight)."""
+        if not (self.plan.integer and self.kind == "weight") or self.is_initializing():
+            return None
+        if self.is_mutable_collection(INT) or not self.has_variable(INT, "codes"):
+            return None
+        name = "/".join(self.path)
+        spec, _ = self.plan.resolve(name, self.kind)
+        if spec is None:
+            raise UserError(
+                f"quantization point '{name}' has integer weights but no rule quantizes it; "
+                "load the integer model with the quantization rules it was converted with."
+            )
+        get = lambda k: self.get_variable(INT, k) if self.has_variable(INT, k) else None  # noqa
+        codes, lo = get("codes"), _code_min(spec)
+        if spec.bits <= PACKED_BITS:
+            codes = unpack_nibbles(codes, shape, lo)
+        if tuple(codes.shape) != tuple(shape):
+            raise UserError(
+                f"integer weight '{name}' has shape {tuple(codes.shape)}; the model expects "
+                f"{tuple(shape)}."
+            )
+        scale, zero, offset = get("scale"), get("zero"), get("offset")
+        value = dequantize(codes, scale, zero, offset)
+        return QArray(codes, scale, zero, offset, value, _grid_bits(spec))
+
+    def _qarray(self, xv, out, spec: QuantSpec, q: dict) -> QArray:
+        """The QArray of ``out`` (the fake-quant output) and, in the conversion pass, its
+        stored form. ``q``: ``scale``, ``k`` (grid integers as floats), ``z`` (integer zero
+        point or None), ``offset`` (or None), ``qmax``."""
+        shift = code_shift(q["qmax"])
+        codes = (q["k"] if q["z"] is None else q["k"] + q["z"]) - shift
+        codes = codes.astype(jnp.int8)
+        zero = None
+        if q["z"] is not None:
+            zero = (q["z"] - shift).astype(jnp.int32)
+        elif shift:
+            zero = jnp.asarray(-shift, jnp.int32)
+        offset = q["offset"]
+        scale = jnp.asarray(q["scale"], jnp.float32)
+        if self.kind == "weight" and self.is_mutable_collection(INT) and not self.is_initializing():
+            stored = pack_nibbles(codes, _code_min(spec)) if spec.bits <= PACKED_BITS else codes
+            self.put_variable(INT, "codes", stored)
+            self.put_variable(INT, "scale", scale)
+            if zero is not None:
+                self.put_variable(INT, "zero", zero)
+            if offset is not None:
+                self.put_variable(INT, "offset", jnp.asarray(offset, jnp.float32))
+        return QArray(codes, scale, zero, offset, out, _grid_bits(spec))
 
     def _quantize(self, x, spec: QuantSpec, mode: str, name: str):
         view = make_view(x.shape, spec, self.channel_axis, self.head_axis, name)
@@ -122,7 +207,12 @@ class QuantPoint(nn.Module):
                 if not sequential or self.is_initializing():
                     return x
             alpha = jax.lax.stop_gradient(reduce(jnp.mean, jnp.abs(xv), view))
-            return from_view(binary_quant(xv, alpha), view).astype(x.dtype)
+            out = from_view(binary_quant(xv, alpha), view).astype(x.dtype)
+            if mode != "calibrate" and self._integer(spec, view, name):
+                k = jnp.where(xv >= 0, 1.0, -1.0)
+                q = dict(scale=alpha, k=k, z=None, offset=None, qmax=1)
+                return self._qarray(xv, out, spec, q)
+            return out
 
         qmin, qmax = grid_bounds(spec.bits, spec.scheme)
         learn = spec.learn != "none"
@@ -149,7 +239,17 @@ class QuantPoint(nn.Module):
                 scale, zero = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
                 offset = -zero * scale
             self._record_weight(xv, scale, offset, qmin, qmax)
-        return from_view(y, view).astype(x.dtype)
+        out = from_view(y, view).astype(x.dtype)
+        if not self._integer(spec, view, name):
+            return out
+        if learn:  # the grid integers of uniform_quant, and LSQ+'s offset
+            k = jnp.clip(jnp.round((xv - offset) / scale), qmin, qmax)
+            q = dict(scale=scale, k=k, z=None, offset=offset if spec.learn == "lsq+" else None)
+        else:  # fake_quant_range's shifted grid qmin - z .. qmax - z, z = 0 unless asymmetric
+            s, z = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
+            k = jnp.clip(jnp.round(xv / s), qmin - z, qmax - z)
+            q = dict(scale=s, k=k, z=z if spec.scheme == "asymmetric" else None, offset=None)
+        return self._qarray(xv, out, spec, {**q, "qmax": qmax})
 
     def _record_weight(self, wv, scale, offset, qmin, qmax):
         if self.is_initializing():
@@ -164,6 +264,11 @@ class QuantPoint(nn.Module):
             lo, hi = estimators.estimate(xv, view, spec)
             return learnable_init(lo, hi, spec)[which]
 
+        if not self.is_initializing() and not self.has_variable("params", "step"):
+            raise UserError(
+                f"learnable quantization point '{'/'.join(self.path)}' has no parameter 'step'; "
+                "calibrate the model with this plan first (or load its QAT checkpoint)."
+            )
         scale = self.param("step", lambda _: init(0))
         offset = self.param("offset", lambda _: init(1)) if spec.learn == "lsq+" else 0.0
         return scale, offset
@@ -206,6 +311,20 @@ class QuantPoint(nn.Module):
             if spec.learn == "lsq+":
                 self.put_variable(STATS, "learn_offset", off)
         return lo.value, hi.value
+
+
+def _code_min(spec: QuantSpec) -> int:
+    """The smallest int8 code of a spec's grid (binary: -1)."""
+    if spec.bits == 1:
+        return -1
+    qmin, qmax = grid_bounds(spec.bits, spec.scheme)
+    return qmin - code_shift(qmax)
+
+
+def _grid_bits(spec: QuantSpec) -> int:
+    """Bound on ``|codes - zero|`` as bits: binary codes are +-1, asymmetric zero points lie
+    on the grid."""
+    return 1 if spec.bits == 1 else spec.bits
 
 
 def list_points(apply_fn, variables, *args, **kwargs) -> dict[str, tuple[str, tuple]]:

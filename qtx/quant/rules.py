@@ -64,12 +64,21 @@ class QuantPlan:
     quantized with the range accumulated so far, so later points calibrate on the outputs of
     quantized earlier ones (the reference code's range estimation); ``parallel`` points pass
     it on unchanged, so every range is estimated on the full-precision model.
+
+    ``integer``: the integer model (mode ``quantize`` only). Points marked as matmul
+    operands hand integer tensors to their matmul, which runs as an int8 ``dot_general``
+    (see :mod:`qtx.quant.integer`); every other point quantizes exactly as in fake quant.
+    ``float_matmuls``: an integer model whose matmuls run in float on the dequantized inputs:
+    its fake-quant twin (the same matmul inputs as fake quant, for a converted model whose
+    float weights are gone).
     """
 
     rules: tuple[QuantRule, ...] = ()
     mode: str = "off"
     track: tuple[str, ...] = ()
     calibration: str = "sequential"
+    integer: bool = False
+    float_matmuls: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,6 +87,11 @@ class QuantPlan:
             raise UserError(
                 f"quantization calibration={self.calibration!r} is invalid; allowed: "
                 f"{', '.join(CALIBRATIONS)}."
+            )
+        if self.integer and self.mode != "quantize":
+            raise UserError(
+                f"quant plan integer=True needs mode='quantize' (frozen quantizers); got "
+                f"mode={self.mode!r}."
             )
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "track", tuple(self.track))
@@ -101,7 +115,11 @@ class QuantPlan:
         return any(re.search(p, point) for p in self.track)
 
     def with_mode(self, mode: str) -> QuantPlan:
-        return dataclasses.replace(self, mode=mode)
+        """The plan in ``mode`` (an integer plan stays integer only in ``quantize``)."""
+        return dataclasses.replace(self, mode=mode, integer=self.integer and mode == "quantize")
+
+    def with_integer(self, integer: bool = True, float_matmuls: bool = False) -> QuantPlan:
+        return dataclasses.replace(self, integer=integer, float_matmuls=float_matmuls)
 
     def with_calibration(self, calibration: str) -> QuantPlan:
         return dataclasses.replace(self, calibration=calibration)

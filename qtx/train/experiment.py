@@ -78,6 +78,10 @@ EVAL_DEFAULTS = dict(
     dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
     max_batches=None,
     figures=True,
+    # also convert every quantized setup to its integer model (int8 matmuls, see
+    # qtx.quant.integer) and report its metric, the largest logit difference to fake quant
+    # and the weight bytes
+    integer=False,
     # Quantization Variation's analysis (qtx.methods.quant_variation.analysis): per-module and
     # per-head sensitivity at variation_bits, outliers, oscillation -> variation.json / .png
     variation=False,
@@ -238,7 +242,7 @@ def load(config) -> Experiment:
     for f in ("calib_batches", "calib_batch_size"):
         if isinstance(ev[f], bool) or not isinstance(ev[f], int) or ev[f] < 1:
             raise UserError(f"config.eval.{f}={ev[f]!r} is invalid; allowed: an integer >= 1.")
-    for f in ("variation", "variation_heads", "figures"):
+    for f in ("variation", "variation_heads", "figures", "integer"):
         if not isinstance(ev[f], bool):
             raise UserError(f"config.eval.{f}={ev[f]!r} is invalid; allowed: True, False.")
     vb = ev["variation_bits"]
