@@ -190,6 +190,9 @@ def test_int8_directory_round_trip_is_bit_exact(tmp_path):
     want = build(cfg, iplan).apply(int_vars, **x)["logits"]
     got = build(cfg2, plan2).apply(vars2, **x)["logits"]
     np.testing.assert_array_equal(got, want)
+    # the stored (packed) codes are the codes the float weights quantize to on the fly
+    on_the_fly = build(cfg, iplan).apply(variables, **x)["logits"]
+    np.testing.assert_array_equal(got, on_the_fly)
 
 
 def test_int8_directory_errors(tmp_path):
