@@ -17,6 +17,8 @@ reported next to the plain medians, which stay the headline numbers.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -24,6 +26,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -159,6 +162,81 @@ class ForeignLoad:
         wall = time.perf_counter() - self.t0
         own = _own_s() - self.own0
         return max(_busy_s() - self.busy0 - own, 0.0) / max(wall, 1e-9)
+
+
+def proc_status_bytes(field: str = "VmRSS") -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, else 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def release_free_memory() -> None:
+    """Collects garbage and hands freed heap pages back to the OS (glibc ``malloc_trim``), so
+    that the RSS is a fair baseline for the memory of what comes next."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a ``with`` block, above its RSS at entry
+    (taken after :func:`release_free_memory`).
+
+    A background thread samples ``VmRSS`` every ``interval_s``; where the kernel lets the
+    process reset its high-water mark (``echo 5 > /proc/self/clear_refs``), ``VmHWM`` at exit
+    also catches peaks between samples. ``info()`` gives MiB: ``rss_before``,
+    ``peak_delta`` (the larger of the two peaks minus ``rss_before``), ``sampled_peak_delta``,
+    ``hwm_delta`` (None without the reset) and the sample count.
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.before = self.sampled = self.samples = 0
+        self.hwm: int | None = None
+
+    def __enter__(self) -> PeakRSS:
+        release_free_memory()
+        self.before = self.sampled = proc_status_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self._hwm_reset = True
+        except OSError:
+            self._hwm_reset = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sampled = max(self.sampled, proc_status_bytes())
+            self.samples += 1
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sampled = max(self.sampled, proc_status_bytes())
+        self.hwm = proc_status_bytes("VmHWM") if self._hwm_reset else None
+
+    def info(self) -> dict:
+        mib = 1 / 2**20
+        peak = max(self.sampled, self.hwm or 0)
+        return {
+            "rss_before": self.before * mib,
+            "peak_delta": (peak - self.before) * mib,
+            "sampled_peak_delta": (self.sampled - self.before) * mib,
+            "hwm_delta": None if self.hwm is None else (self.hwm - self.before) * mib,
+            "samples": self.samples,
+        }
 
 
 def cpu_model() -> str:

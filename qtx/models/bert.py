@@ -97,6 +97,8 @@ class Bert(nn.Module):
             c.remat,
             output_hidden_states,
             embed.ln.migrated_gamma() if c.gamma_migrated else None,
+            scan=c.scan_layers,
+            remat_policy=c.remat_policy,
         )
         hq, h = h, as_float(h)  # hq: a QArray in an integer plan (the MLM transform's input)
         out = {"last_hidden_state": h}

@@ -9,8 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.nn.attention import FINETUNE_GATE_STD, AttentionConfig
-from qtx.nn.transformer import ACTIVATIONS, BlockConfig
+from qtx.nn.attention import ATTENTION_KERNELS, FINETUNE_GATE_STD, AttentionConfig
+from qtx.nn.transformer import ACTIVATIONS, REMAT_POLICIES, BlockConfig
 
 FAMILIES = ("bert", "roberta", "opt", "vit", "swin")
 IMAGE_FAMILIES = ("vit", "swin")  # models of images (B, H, W, C); the others read token ids
@@ -70,7 +70,10 @@ class ModelConfig:
     stage_heads: tuple[int, ...] = ()
     window_size: int = 7
     dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # recompute layer activations in the backward pass
+    remat_policy: str = "full"  # what remat keeps: see qtx.nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the layers: compile time independent of depth
+    attention_kernel: str = "auto"  # see qtx.nn.attention.ATTENTION_KERNELS
     # Outlier Suppression's gamma migration was applied to the parameters: the LayerNorms are
     # non-scaling (set by qtx.methods.outlier_suppression.migrate_gamma, never by hand)
     gamma_migrated: bool = False
@@ -108,6 +111,14 @@ class ModelConfig:
 
         if self.num_labels < 1:
             bad("num_labels", "a positive integer")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            bad("attention_kernel", ", ".join(ATTENTION_KERNELS))
+        if self.remat_policy not in REMAT_POLICIES:
+            bad("remat_policy", ", ".join(REMAT_POLICIES))
+        if self.scan_layers and self.family == "swin":
+            bad("scan_layers", "False for family 'swin' (its stages differ in width)")
+        if self.scan_layers and self.gamma_migrated:
+            bad("scan_layers", "False with gamma migration (each layer's shortcut differs)")
 
     def _check_swin(self, bad):
         for f in ("depths", "stage_heads"):
@@ -158,6 +169,7 @@ class ModelConfig:
             causal=self.family == "opt",
             attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
             gamma_migrated=self.gamma_migrated,
+            attention_kernel=self.attention_kernel,
             **overrides,
         )
 

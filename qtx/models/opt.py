@@ -115,6 +115,8 @@ class OPT(nn.Module):
             deterministic,
             c.remat,
             output_hidden_states,
+            scan=c.scan_layers,
+            remat_policy=c.remat_policy,
         )
         if c.final_ln:
             h = LayerNorm(p, c.ln_eps, name="final_ln")(h)

@@ -17,6 +17,7 @@ from qtx.errors import UserError
 from qtx.models.bert import Bert
 from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
 from qtx.models.opt import OPT
+from qtx.models.scan import ScannedModel
 from qtx.models.swin import Swin
 from qtx.models.vit import ViT
 from qtx.quant import QuantPlan
@@ -211,8 +212,10 @@ def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) ->
 
 
 def build(cfg: ModelConfig, plan: QuantPlan | None = None) -> nn.Module:
-    """The Flax module of ``cfg.family`` with the quantization plan ``plan``."""
-    return MODULES[cfg.family](cfg, plan or QuantPlan())
+    """The Flax module of ``cfg.family`` with the quantization plan ``plan``; with
+    ``cfg.scan_layers`` wrapped in :class:`~qtx.models.scan.ScannedModel` (same variables)."""
+    module = MODULES[cfg.family](cfg, plan or QuantPlan())
+    return ScannedModel(module, cfg.num_layers) if cfg.scan_layers else module
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 2, seq_len: int = 8) -> dict[str, Any]:

@@ -118,6 +118,7 @@ class SwinBlock(nn.Module):
             dropout=c.attention_dropout,
             init_std=c.init_std,
             dtype=c.dtype,
+            kernel=c.attention_kernel,
         )
         self.rel_pos = RelativePositionBias(self.window, c.num_heads)
         self.ffn = FFN(c, p)

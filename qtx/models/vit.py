@@ -88,6 +88,8 @@ class ViT(nn.Module):
             c.remat,
             output_hidden_states,
             linear_drop_path=True,  # DeiT: stochastic depth grows linearly to drop_path
+            scan=c.scan_layers,
+            remat_policy=c.remat_policy,
         )
         h = LayerNorm(p, c.ln_eps, name="final_ln")(h)
         out = {"last_hidden_state": h}

@@ -43,14 +43,19 @@ import jax
 import jax.numpy as jnp
 
 from qtx.errors import UserError
+from qtx.nn.kernels import softmax_last
 from qtx.nn.layers import Dense
-from qtx.quant import QuantPlan, QuantPoint
+from qtx.quant import POINTS, TOKENS, QuantPlan, QuantPoint
 from qtx.quant.integer import as_float, matmul, relayout
 
 ATTENTION = "attention"  # collection of attention probabilities, when made mutable
 SOFTMAXES = ("vanilla", "clipped", "off_by_one")
 GATES = ("none", "linear", "mlp", "mlp_wide", "all_heads_linear")
 GATE_CONDITIONS = ("token", "head", "none")
+# how the context is computed: "einsum" (scores, softmax and context as written here, every
+# point available), "dot_product_attention" (jax.nn.dot_product_attention wherever nothing
+# needs the scores or probabilities) or "auto" (the latter on GPUs: cuDNN flash attention)
+ATTENTION_KERNELS = ("auto", "einsum", "dot_product_attention")
 FINETUNE_GATE_STD = 0.01  # gate weight std in fine-tuning mode when unset (reference: BERT)
 
 
@@ -102,7 +107,7 @@ class AttentionConfig:
 
 def clipped_softmax(x, gamma: float, zeta: float, axis: int = -1):
     """``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)``; clipped entries get no gradient."""
-    return jnp.clip((zeta - gamma) * jax.nn.softmax(x, axis=axis) + gamma, 0.0, 1.0)
+    return jnp.clip((zeta - gamma) * softmax(x, axis) + gamma, 0.0, 1.0)
 
 
 def off_by_one_softmax(x, axis: int = -1):
@@ -120,7 +125,14 @@ def attention_probs(scores, cfg: AttentionConfig):
         return clipped_softmax(scores, gamma, zeta)
     if cfg.softmax == "off_by_one":
         return off_by_one_softmax(scores)
-    return jax.nn.softmax(scores, axis=-1)
+    return softmax_last(scores)
+
+
+def softmax(x, axis: int = -1):
+    """Softmax over ``axis``, with the closed-form backward pass over the last axis."""
+    if axis in (-1, x.ndim - 1):
+        return softmax_last(x)
+    return jax.nn.softmax(x, axis=axis)
 
 
 class Gate(nn.Module):
@@ -228,6 +240,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = jnp.float32
     causal: bool = False  # only gates need it (their per-head pooling); ``mask`` is causal
     torch_init: str = ""  # projections (letters of "qkvo") with PyTorch's default Linear init
+    kernel: str = "auto"  # see ATTENTION_KERNELS
 
     @nn.compact
     def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True, score_bias=None):
@@ -254,12 +267,25 @@ class MultiHeadAttention(nn.Module):
         q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q))
         k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k))
         v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v))
-        qk = lambda lhs, rhs: jnp.einsum("bthd,bshd->bhts", lhs, rhs)  # noqa: E731
-        dtype = as_float(q).dtype
-        scores = matmul("bthd,bshd->bhts", q, k, qk, f"{name}/qk", not p.float_matmuls).astype(
-            dtype
+        o_proj = lambda c: dense("o_proj", d, self.out_init_std)(c)  # noqa: E731
+        if self._fused(name, deterministic):
+            context = jax.nn.dot_product_attention(
+                as_float(q).astype(self.dtype),
+                as_float(k).astype(self.dtype),
+                as_float(v).astype(self.dtype),
+                bias=None if score_bias is None else score_bias.astype(self.dtype),
+                mask=mask,
+            )
+            return self._output(x, context, token_mask, o_proj)
+        heads_first = lambda y: y.transpose(0, 2, 1, 3)  # noqa: E731
+        qk = lambda lhs, rhs: jnp.einsum(  # noqa: E731
+            "bhtd,bhsd->bhts", heads_first(lhs), heads_first(rhs)
         )
-        scores = scores / jnp.asarray(math.sqrt(dh), dtype)
+        dtype = as_float(q).dtype
+        inv_sqrt_d = 1.0 / math.sqrt(dh)  # applied to q (B, T, H, Dh), 1/T the work of scores
+        scores = matmul(
+            "bthd,bshd->bhts", q, k, qk, f"{name}/qk", not p.float_matmuls, lhs_scale=inv_sqrt_d
+        ).astype(dtype)
         if score_bias is not None:
             scores = scores + score_bias.astype(scores.dtype)
         scores = QuantPoint(p, head_axis=1, name="scores")(scores)
@@ -271,13 +297,39 @@ class MultiHeadAttention(nn.Module):
             self.sow(ATTENTION, "probs", as_float(probs))  # for the no-op attention figures
         if self.dropout > 0 and not deterministic:
             probs = nn.Dropout(self.dropout)(as_float(probs), deterministic=False)
-        pv = lambda lhs, rhs: jnp.einsum("bhts,bshd->bthd", lhs, rhs)  # noqa: E731
+        pv = lambda lhs, rhs: heads_first(  # noqa: E731
+            jnp.einsum("bhts,bhsd->bhtd", lhs, heads_first(rhs))
+        )
         context = matmul("bhts,bshd->bthd", probs, v, pv, f"{name}/pv", not p.float_matmuls)
         context = context.astype(jnp.result_type(as_float(probs), as_float(v)))
+        return self._output(x, context, token_mask, o_proj)
+
+    def _fused(self, name: str, deterministic: bool) -> bool:
+        """Whether ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs) computes
+        the context: the kernel allows it, the softmax is vanilla, and nothing needs the
+        scores or probabilities (no rule or statistic at ``scores`` / ``softmax``, no
+        attention dropout in training, no collection of probabilities or points)."""
+        if self.kernel == "einsum" or (self.kernel == "auto" and jax.default_backend() != "gpu"):
+            return False
+        if self.cfg.softmax != "vanilla" or self.plan.integer:
+            return False
+        if self.dropout > 0 and not deterministic:
+            return False
+        if any(self.is_mutable_collection(c) for c in (ATTENTION, POINTS, TOKENS)):
+            return False
+        for point in ("scores", "softmax"):
+            full = f"{name}/{point}"
+            if self.plan.resolve(full, "act")[0] is not None or self.plan.tracks(full):
+                return False
+        return True
+
+    def _output(self, x, context, token_mask, o_proj):
+        """Gate, ``context`` point and ``o_proj`` of ``context`` (B, T, H, Dh)."""
+        b, t, h, dh = context.shape
+        p = self.plan
         if self.cfg.gate != "none":
             pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(as_float(x), token_mask)
             context = context * pi[..., None].astype(context.dtype)
         context = QuantPoint(p, head_axis=2, operand=True, name="context")(context)
-        context = relayout(context, lambda y: y.reshape(b, t, d))
-        out = dense("o_proj", d, self.out_init_std)(context)
-        return QuantPoint(p, name="out")(out)
+        context = relayout(context, lambda y: y.reshape(b, t, h * dh))
+        return QuantPoint(p, name="out")(o_proj(context))

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qtx.errors import UserError
+from qtx.nn.kernels import dense_dot
 from qtx.quant import QuantPlan, QuantPoint
 from qtx.quant.integer import as_float, dense_subscripts, matmul
 
@@ -46,7 +47,7 @@ class Dense(nn.Module):
             dense_subscripts(len(x.shape)),
             x,
             kernel,
-            lambda a, w: jnp.dot(a.astype(dtype), w.astype(dtype)),
+            lambda a, w: dense_dot(a.astype(dtype), w.astype(dtype)),
             "/".join(self.path),
             not self.plan.float_matmuls,
         ).astype(dtype)

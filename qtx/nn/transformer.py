@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qtx.errors import UserError
 from qtx.nn.attention import AttentionConfig, MultiHeadAttention
 from qtx.nn.layers import Dense, LayerNorm
 from qtx.quant import QuantPlan, QuantPoint
@@ -63,6 +64,7 @@ class BlockConfig:
     causal: bool = False  # a decoder: position t sees positions <= t only
     attn_torch_init: str = ""  # attention projections ("qkvo" letters) with PyTorch's init
     gamma_migrated: bool = False  # non-scaling LayerNorms, gamma in the following weights
+    attention_kernel: str = "auto"  # see qtx.nn.attention.ATTENTION_KERNELS
 
 
 class FFN(nn.Module):
@@ -83,9 +85,10 @@ class FFN(nn.Module):
         return QuantPoint(p, name="out")(h)
 
 
-def drop_path(module: nn.Module, x, rate: float, deterministic: bool):
-    """Stochastic depth: drops the whole residual branch per example with probability rate."""
-    if rate <= 0 or deterministic:
+def drop_path(module: nn.Module, x, rate, deterministic: bool):
+    """Stochastic depth: drops the whole residual branch per example with probability rate
+    (a float, or a traced scalar inside scanned layers)."""
+    if deterministic or (isinstance(rate, int | float) and rate <= 0):
         return x
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0], 1, 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
@@ -117,6 +120,7 @@ class TransformerLayer(nn.Module):
             dtype=c.dtype,
             causal=c.causal,
             torch_init=c.attn_torch_init,
+            kernel=c.attention_kernel,
         )
         self.ffn = FFN(c, p)
         # both LayerNorms feed matmuls (the branch, or in post-LN the FFN / the next layer)
@@ -136,14 +140,24 @@ class TransformerLayer(nn.Module):
             return None
         return self.ffn_ln.migrated_gamma()
 
-    def __call__(self, x, mask=None, token_mask=None, deterministic=True, shortcut_gamma=None):
+    def __call__(
+        self,
+        x,
+        mask=None,
+        token_mask=None,
+        deterministic=True,
+        shortcut_gamma=None,
+        drop_rate=None,
+    ):
         """``x``: float, or in an integer plan a QArray (a post-LN layer's input is the
-        previous LayerNorm's output); returns the same kind."""
+        previous LayerNorm's output); returns the same kind. ``drop_rate`` overrides
+        ``cfg.drop_path`` (a traced per-layer rate under ``nn.scan``)."""
         c = self.cfg
+        rate = c.drop_path if drop_rate is None else drop_rate
 
         def branch(y):
             y = self.drop(y, deterministic=deterministic or c.dropout == 0)
-            return drop_path(self, y, c.drop_path, deterministic)
+            return drop_path(self, y, rate, deterministic)
 
         if c.pre_ln:
             a = branch(self.attn(self.attn_ln(x), mask, token_mask, deterministic))
@@ -161,6 +175,13 @@ class TransformerLayer(nn.Module):
         return self.ffn_ln(self.residual_ffn(x + f))
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def run_layers(
     cfg: BlockConfig,
     plan: QuantPlan,
@@ -173,6 +194,8 @@ def run_layers(
     collect=False,
     shortcut_gamma=None,
     linear_drop_path=False,
+    scan=False,
+    remat_policy="full",
 ):
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
@@ -183,9 +206,22 @@ def run_layers(
     with gamma migration they are reported with their gamma applied, as the original model's).
     ``linear_drop_path``: layer i drops its branches with rate ``cfg.drop_path * i / (L - 1)``
     (DeiT / timm's stochastic depth) instead of ``cfg.drop_path`` everywhere.
+    ``remat``: recompute each layer's activations in the backward pass, saving what
+    ``remat_policy`` (:data:`REMAT_POLICIES`) allows. ``scan``: one ``nn.scan`` over a
+    single layer named ``layers`` whose variables carry a leading layer axis (compiled once,
+    whatever the depth); :class:`qtx.models.scan.ScannedModel` shows them as ``layer_i``.
     In an integer plan ``x`` and the result may be QArrays (post-LN); ``states`` are float.
     """
-    layer_cls = nn.remat(TransformerLayer, static_argnums=(4,)) if remat else TransformerLayer
+    if scan:
+        return _scan_layers(
+            cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect,
+            linear_drop_path, remat_policy,
+        )  # fmt: skip
+    layer_cls = TransformerLayer
+    if remat:
+        layer_cls = nn.remat(
+            TransformerLayer, static_argnums=(4,), policy=REMAT_POLICIES[remat_policy]
+        )
     states = [as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma]
     for i in range(num_layers):
         head_ln = not cfg.pre_ln and i == num_layers - 1
@@ -198,3 +234,45 @@ def run_layers(
         shortcut_gamma = layer.output_gamma()
         states.append(as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma)
     return x, (tuple(states) if collect else None)
+
+
+class _ScanStep(nn.Module):
+    """One layer as a scan step: ``(x, (mask, token_mask), rate) -> (x, x or None)``."""
+
+    cfg: BlockConfig
+    plan: QuantPlan
+    deterministic: bool
+    collect: bool
+
+    @nn.compact
+    def __call__(self, x, masks, rate):
+        layer = TransformerLayer(self.cfg, self.plan, name="layer")
+        x = layer(x, *masks, self.deterministic, None, rate)
+        return x, (x if self.collect else None)
+
+
+def _scan_layers(
+    cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect, linear, policy
+):
+    """``run_layers`` under ``nn.scan``: variables (L, ...) under ``layers/layer``."""
+    if plan.integer:
+        raise UserError(
+            "config.model.scan_layers=True runs training; integer models need scan_layers=False."
+        )
+    step_cls = _ScanStep
+    if remat:
+        step_cls = nn.remat(_ScanStep, prevent_cse=False, policy=REMAT_POLICIES[policy])
+    scanned = nn.scan(
+        step_cls,
+        variable_axes={True: 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, 0),
+        length=num_layers,
+    )
+    rates = None  # per-layer stochastic depth rates (L,), when they differ between layers
+    if linear and cfg.drop_path > 0:
+        rates = cfg.drop_path * jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
+    y, ys = scanned(cfg, plan, deterministic, collect, name="layers")(x, (mask, token_mask), rates)
+    if not collect:
+        return y, None
+    return y, (as_float(x), *(ys[i] for i in range(num_layers)))

@@ -219,14 +219,21 @@ def integer_einsum(subscripts: str, a: QArray, b: QArray):
     return y
 
 
-def matmul(subscripts: str, a, b, float_fn, name: str = "?", integer: bool = True):
-    """The integer form of ``einsum(subscripts, a, b)`` when it has one (and ``integer``),
-    else ``float_fn(as_float(a), as_float(b))`` (the model's own float op); records which."""
+def matmul(subscripts: str, a, b, float_fn, name: str = "?", integer: bool = True, lhs_scale=None):
+    """The integer form of ``einsum(subscripts, lhs_scale * a, b)`` when it has one (and
+    ``integer``), else ``float_fn(lhs_scale * as_float(a), as_float(b))`` (the model's own
+    float op); records which. ``lhs_scale`` (a Python float or None) scales the smaller
+    operand in float (attention's ``1/sqrt(d)`` on q rather than on the scores) and the
+    integer result after its rescale."""
     reason = integer_form(subscripts, a, b) if integer else "float matmuls requested"
     _record(name, reason)
     if reason is None:
-        return integer_einsum(subscripts, a, b)
-    return float_fn(as_float(a), as_float(b))
+        y = integer_einsum(subscripts, a, b)
+        return y if lhs_scale is None else y * lhs_scale
+    fa = as_float(a)
+    if lhs_scale is not None:
+        fa = fa * jnp.asarray(lhs_scale, fa.dtype)
+    return float_fn(fa, as_float(b))
 
 
 def dense_subscripts(ndim: int) -> str:

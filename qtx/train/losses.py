@@ -55,10 +55,15 @@ def _xent(logits, labels, weights):
 def task_loss(task: str, logits, batch: dict):
     """``(loss_sum, count, metrics)`` for one batch; metrics hold sums as well."""
     if task == "clm":
+        # position t predicts token t + 1; the last position has no target (weight 0). The
+        # labels are shifted rather than the logits, so the (B, T, V) logits and their
+        # gradient are never sliced or padded.
         ids = batch["input_ids"]
         mask = batch.get("attention_mask", jnp.ones_like(ids)).astype(jnp.float32)
-        w = mask[:, 1:] * mask[:, :-1]
-        loss, n = _xent(logits[:, :-1], ids[:, 1:], w)
+        zero = jnp.zeros_like(mask[:, :1])
+        w = jnp.concatenate([mask[:, 1:] * mask[:, :-1], zero], axis=1)
+        labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        loss, n = _xent(logits, labels, w)
         return loss, n, {}
     if task == "mlm":
         w = batch["weights"].astype(jnp.float32)
