@@ -8,10 +8,14 @@ SIGTERM or SIGINT saves a checkpoint at the current step and exits; rerunning co
 A user error prints one line (``error: ...``) and exits with status 2.
 """
 
-from absl import flags
-from ml_collections import config_flags
+from qtx.hugepages import reexec_with_huge_pages
 
-from qtx import cli
+reexec_with_huge_pages()  # before jax starts: huge pages for XLA's large buffers
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from qtx import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and eval output.")

@@ -33,6 +33,10 @@ XLA (``XLA_FLAGS+=--xla_cpu_max_isa=AVX2``), ATen (``ATEN_CPU_CAPABILITY=avx2``)
 set before jax and torch are imported; ``both`` (default) runs the script once per ISA in a
 child process and merges the JSON. On a GPU backend ``--isa`` is ignored (one run).
 
+Memory: the script restarts itself once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (see
+``qtx.hugepages``; ``QTX_HUGE_PAGES=0`` measures without), as ``train.py`` and ``eval.py``
+do; PyTorch runs in the same processes, so both frameworks get it.
+
 Timing: medians over ``--repeats`` samples of ``--steps`` train steps each (at least
 ``--min_sample_s``), every step ending in ``jax.block_until_ready`` / a host sync; the
 cases of a model are timed interleaved, round by round. Each case is first built and run for
@@ -55,6 +59,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from qtx.hugepages import reexec_with_huge_pages
 
 ISAS = ("native", "avx2")
 AVX2_ENV = {
@@ -105,6 +111,7 @@ def settle_isa() -> None:
     os.environ.update(want)
 
 
+reexec_with_huge_pages()  # both frameworks' large buffers on huge pages (qtx.hugepages)
 settle_isa()
 
 import argparse  # noqa: E402
@@ -435,6 +442,7 @@ def isa_record(isa: str, gpu: bool) -> dict:
         "requested": isa,
         "env": {k: os.environ.get(k) for k in AVX2_ENV},
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "torch_cpu_capability": cpu_capability(),
         "note": f"--isa is ignored on the {jax.default_backend()} backend" if gpu else None,
     }

@@ -77,6 +77,8 @@ class ScannedModel:
         return y, unstack_layers(dict(collections), self.num_layers)
 
     def __getattr__(self, name: str):
+        if name in ("module", "num_layers"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
         return getattr(self.module, name)
 
     def __hash__(self):

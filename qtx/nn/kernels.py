@@ -9,7 +9,8 @@ functions fix without changing any value:
   later layer's LayerNorm backward, so each layer re-evaluated that whole chain (quadratic
   in depth: a third of the backward pass of a 12-layer model). Here the gradient is
   ``(g^T x)^T``: the dot reads ``g`` as it is and the transposed operand is ``x``, a local
-  value.
+  value. Dense layers and the patch embedding use it (ViT's patch embedding had the same
+  problem: its gradient is the residual stream's).
 * :func:`softmax_last`: ``softmax(s)`` over the last axis whose VJP is the closed form
   ``p * (g - sum(g * p))`` from the saved output, one fused pass instead of the exp/sum/div
   chain's.

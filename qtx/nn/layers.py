@@ -157,5 +157,5 @@ class PatchEmbed(nn.Module):
         kernel = as_float(quantized_weight(self, "kernel", init, shape, self.plan))
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
-        y = jnp.dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))
+        y = dense_dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))
         return y.astype(jnp.float32) + self.param("bias", nn.initializers.zeros, (self.features,))
