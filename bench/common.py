@@ -348,3 +348,20 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     print(f"wrote {path}")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
+
+def get_config(spec: str):
+    """``path[:arg]`` (relative to the repository) -> the config of ``get_config(arg)``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)  # the config files import ``configs.common``
+    name = "bench_config_" + os.path.splitext(os.path.basename(path))[0]
+    mod_spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)

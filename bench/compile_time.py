@@ -23,28 +23,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-from common import Run, base_parser, table
+from common import Run, base_parser, get_config, table
 
 from qtx.models import build
 from qtx.train.experiment import load as load_experiment
 from qtx.train.optim import make_optimizer
 from qtx.train.steps import create_state, make_train_step
-
-
-def get_config(spec: str):
-    """``path[:arg]`` -> the ml_collections config of ``get_config(arg)``."""
-    import importlib.util
-    import os
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path, _, arg = spec.partition(":")
-    if root not in sys.path:
-        sys.path.append(root)
-    mod_spec = importlib.util.spec_from_file_location("bench_cfg", os.path.join(root, path))
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
 
 
 def compile_seconds(spec: str, scan: bool, seq_len: int, remat: bool | None) -> dict:

@@ -117,7 +117,6 @@ settle_isa()
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -131,6 +130,7 @@ from common import (  # noqa: E402
     Run,
     available_cores,
     base_parser,
+    get_config,
     matmul_peak,
     measure,
     paired_ratio,
@@ -160,19 +160,6 @@ FLOPS = {
     "image (vit)": "6*N + 12*L*T*d per token, T = patches + 1 tokens per image",
 }
 MASK_ID = 103  # [MASK] of bert-base-uncased (any id works for timing)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def get_config(spec: str):
-    """``path[:arg]`` -> the ml_collections config of ``get_config(arg)``."""
-    path, _, arg = spec.partition(":")
-    if ROOT not in sys.path:
-        sys.path.append(ROOT)  # the config files import ``configs.common``
-    name = "bench_config_" + os.path.splitext(os.path.basename(path))[0]
-    mod_spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
 
 
 def short(spec: str) -> str:
