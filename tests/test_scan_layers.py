@@ -10,8 +10,9 @@ from test_train import read_params, tiny_opt, tree
 
 import qtx.quant as q
 from qtx.errors import UserError
+from qtx.evaluate.integer import check_same_model
 from qtx.models import build, dummy_inputs, model_config
-from qtx.models.scan import STACKED, stack_layers, unstack_layers
+from qtx.models.scan import STACKED, ScannedModel, stack_layers, unstack_layers
 from qtx.train import experiment
 from qtx.train.loop import train
 
@@ -131,9 +132,14 @@ def test_bad_scan_settings_are_rejected(over, match):
         model_config(name, over)
 
 
-def test_scanned_layers_refuse_an_integer_plan():
+def test_integer_models_of_a_scanned_config_run_the_layer_loop():
+    """An int8 model of a ``scan_layers`` config is built with the layer loop (scan is a
+    training option; the variables are the same), and int8 directories ignore the field."""
     cfg = model_config("opt-tiny", {"scan_layers": True})
     plan = q.QuantPlan(q.setup_rules("W8A8"), "quantize", integer=True)
-    inp = dummy_inputs(cfg, 1, 8)
-    with pytest.raises(UserError, match="scan_layers"):
-        jax.eval_shape(lambda: build(cfg, plan).init(jax.random.key(0), **inp))
+    model = build(cfg, plan)
+    assert not isinstance(model, ScannedModel)
+    assert model.cfg == cfg.replace(scan_layers=False)
+    check_same_model(cfg, cfg.replace(scan_layers=False, attention_kernel="einsum"), "here")
+    with pytest.raises(UserError, match="num_layers"):
+        check_same_model(cfg, cfg.replace(num_layers=3), "here")

@@ -186,10 +186,23 @@ def load(path: str) -> tuple[ModelConfig, quant.QuantPlan, dict, dict]:
     return cfg, plan, variables, meta
 
 
+# how a model runs, not what it computes: free to differ between an int8 directory and a config
+RUN_FIELDS = (
+    "dtype",
+    "remat",
+    "remat_policy",
+    "scan_layers",
+    "attention_kernel",
+    "dropout",
+    "attention_dropout",
+    "drop_path",
+)
+
+
 def check_same_model(cfg: ModelConfig, expected: ModelConfig, where: str) -> None:
     """One sentence naming the first differing field of two model configs."""
     for f in dataclasses.fields(ModelConfig):
-        if f.name in ("dtype", "remat", "dropout", "attention_dropout", "drop_path"):
+        if f.name in RUN_FIELDS:
             continue
         a, b = getattr(cfg, f.name), getattr(expected, f.name)
         if a != b:

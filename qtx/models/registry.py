@@ -213,8 +213,12 @@ def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) ->
 
 def build(cfg: ModelConfig, plan: QuantPlan | None = None) -> nn.Module:
     """The Flax module of ``cfg.family`` with the quantization plan ``plan``; with
-    ``cfg.scan_layers`` wrapped in :class:`~qtx.models.scan.ScannedModel` (same variables)."""
-    module = MODULES[cfg.family](cfg, plan or QuantPlan())
+    ``cfg.scan_layers`` wrapped in :class:`~qtx.models.scan.ScannedModel` (same variables),
+    except for integer plans, which run the layer loop (scan is a training-time option)."""
+    plan = plan or QuantPlan()
+    if cfg.scan_layers and plan.integer:
+        cfg = cfg.replace(scan_layers=False)
+    module = MODULES[cfg.family](cfg, plan)
     return ScannedModel(module, cfg.num_layers) if cfg.scan_layers else module
 
 
