@@ -304,9 +304,19 @@ def test_binary_point():
     plan = QuantPlan(
         (q.rule(".", bits=1, scheme="symmetric", estimator="current_minmax"),), mode="quantize"
     )
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
     y = Identity(plan).apply({}, x)
-    np.testing.assert_allclose(np.asarray(y), np.sign(np.asarray(x)) * np.abs(x).mean(), rtol=1e-6)
+    # sign(x) mean|x| per example: each row's own mean, whatever else is in the batch
+    want = np.sign(np.asarray(x)) * np.abs(np.asarray(x)).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6)
+    # sequences: per token (b, t), over its features; padding and batch-mates change nothing
+    seq = rng.normal(size=(3, 6, 4, 2)).astype(np.float32) * rng.uniform(0.1, 5, (3, 6, 1, 1))
+    y = np.asarray(Identity(plan).apply({}, jnp.asarray(seq)))
+    want = np.sign(seq) * np.abs(seq).mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    alone = np.asarray(Identity(plan).apply({}, jnp.asarray(seq[:1, :4])))
+    np.testing.assert_allclose(alone, y[:1, :4], rtol=1e-6)
 
 
 def test_per_head_point_and_bad_axis():

@@ -48,14 +48,14 @@ class BertEmbeddings(nn.Module):
         self.ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
         self.drop = nn.Dropout(c.dropout)
 
-    def __call__(self, input_ids, token_type_ids, deterministic=True):
+    def __call__(self, input_ids, token_type_ids, deterministic=True, token_mask=None):
         c = self.cfg
         if c.family == "roberta":
             pos = roberta_position_ids(input_ids, c.pad_token_id)
         else:
             pos = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
         h = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
-        h = self.ln(self.sum(h))
+        h = self.ln(self.sum(h, token_mask), token_mask)
         return self.drop(h, deterministic=deterministic or c.dropout == 0)
 
 
@@ -84,7 +84,7 @@ class Bert(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         token_mask = attention_mask.astype(bool)
         embed = BertEmbeddings(c, p, name="embed")
-        h = embed(input_ids, token_type_ids, deterministic)
+        h = embed(input_ids, token_type_ids, deterministic, token_mask)
         mask = token_mask[:, None, None, :]
         h, states = run_layers(
             c.block(),
@@ -112,7 +112,7 @@ class Bert(nn.Module):
             x = dropout(out["pooled"], deterministic=deterministic or c.dropout == 0)
             out["logits"] = Classifier(c.num_labels, p, init, c.compute_dtype, name="classifier")(x)
         elif c.head == "mlm":
-            out["logits"] = MLMHead(c, p, name="mlm_head")(hq, embed.word.attend)
+            out["logits"] = MLMHead(c, p, name="mlm_head")(hq, embed.word.attend, token_mask)
         return out
 
 
@@ -153,12 +153,12 @@ class MLMHead(nn.Module):
     plan: QuantPlan = QuantPlan()
 
     @nn.compact
-    def __call__(self, h, attend):
+    def __call__(self, h, attend, token_mask=None):
         c, p = self.cfg, self.plan
         init = nn.initializers.normal(c.init_std)
         h = Dense(c.hidden_size, p, True, init, c.compute_dtype, name="transform")(h)
-        h = QuantPoint(p, name="act")(ACTIVATIONS[c.activation](h))
-        h = LayerNorm(p, c.ln_eps, name="ln")(h)
+        h = QuantPoint(p, name="act")(ACTIVATIONS[c.activation](h), token_mask)
+        h = LayerNorm(p, c.ln_eps, name="ln")(h, token_mask)
         logits = attend(h)
         logits = logits + self.param("bias", nn.initializers.zeros, (c.vocab_size,))
-        return QuantPoint(p, name="logits")(logits.astype(jnp.float32))
+        return QuantPoint(p, name="logits")(logits.astype(jnp.float32), token_mask)

@@ -48,8 +48,8 @@ class LMHead(nn.Module):
     plan: QuantPlan = QuantPlan()
 
     @nn.compact
-    def __call__(self, h, attend):
-        return QuantPoint(self.plan, name="logits")(attend(h).astype(jnp.float32))
+    def __call__(self, h, attend, token_mask=None):
+        return QuantPoint(self.plan, name="logits")(attend(h).astype(jnp.float32), token_mask)
 
 
 class OPTEmbeddings(nn.Module):
@@ -73,9 +73,10 @@ class OPTEmbeddings(nn.Module):
         c = self.cfg
         h = self.word(input_ids)
         if (c.word_embed_proj_dim or c.hidden_size) != c.hidden_size:
-            h = self.project_in(h)
+            h = self.project_in(h, attention_mask)
         h = h + self.position(opt_position_ids(attention_mask, c.position_offset))
-        return self.drop(self.sum(h), deterministic=deterministic or c.dropout == 0)
+        h = self.sum(h, attention_mask.astype(bool))
+        return self.drop(h, deterministic=deterministic or c.dropout == 0)
 
 
 class OPT(nn.Module):
@@ -119,14 +120,14 @@ class OPT(nn.Module):
             remat_policy=c.remat_policy,
         )
         if c.final_ln:
-            h = LayerNorm(p, c.ln_eps, name="final_ln")(h)
+            h = LayerNorm(p, c.ln_eps, name="final_ln")(h, token_mask)
         width = c.word_embed_proj_dim or c.hidden_size
         if width != c.hidden_size:
-            h = _projection(c, p, width, name="project_out")(h)
+            h = _projection(c, p, width, name="project_out")(h, token_mask)
         out = {"last_hidden_state": h}
         if output_hidden_states:
             # HF reports the last state after the final LayerNorm / projection.
             out["hidden_states"] = states[:-1] + (h,)
         if c.head == "clm":
-            out["logits"] = LMHead(p, name="lm_head")(h, embed.word.attend)
+            out["logits"] = LMHead(p, name="lm_head")(h, embed.word.attend, token_mask)
         return out

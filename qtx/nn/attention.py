@@ -264,9 +264,15 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (dense(n, d)(x) for n in ("q_proj", "k_proj", "v_proj"))
         split = lambda y: y.reshape(b, t, h, dh)  # noqa: E731
-        q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q))
-        k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k))
-        v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v))
+        # the points' statistics see real tokens only: (B, T) rows, (B, 1, T, S) pairs
+        pairs = (
+            None
+            if token_mask is None
+            else token_mask[:, None, :, None] & token_mask[:, None, None, :]
+        )
+        q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q), token_mask)
+        k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k), token_mask)
+        v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v), token_mask)
         o_proj = lambda c: dense("o_proj", d, self.out_init_std)(c)  # noqa: E731
         if self._fused(name, deterministic):
             context = jax.nn.dot_product_attention(
@@ -288,11 +294,11 @@ class MultiHeadAttention(nn.Module):
         ).astype(dtype)
         if score_bias is not None:
             scores = scores + score_bias.astype(scores.dtype)
-        scores = QuantPoint(p, head_axis=1, name="scores")(scores)
+        scores = QuantPoint(p, head_axis=1, name="scores")(scores, pairs)
         if mask is not None:
             scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = attention_probs(scores, self.cfg).astype(self.dtype)
-        probs = QuantPoint(p, head_axis=1, operand=True, name="softmax")(probs)
+        probs = QuantPoint(p, head_axis=1, operand=True, name="softmax")(probs, pairs)
         if self.is_mutable_collection(ATTENTION) and not self.is_initializing():
             self.sow(ATTENTION, "probs", as_float(probs))  # for the no-op attention figures
         if self.dropout > 0 and not deterministic:
@@ -330,6 +336,6 @@ class MultiHeadAttention(nn.Module):
         if self.cfg.gate != "none":
             pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(as_float(x), token_mask)
             context = context * pi[..., None].astype(context.dtype)
-        context = QuantPoint(p, head_axis=2, operand=True, name="context")(context)
+        context = QuantPoint(p, head_axis=2, operand=True, name="context")(context, token_mask)
         context = relayout(context, lambda y: y.reshape(b, t, h * dh))
-        return QuantPoint(p, name="out")(o_proj(context))
+        return QuantPoint(p, name="out")(o_proj(context), token_mask)

@@ -38,8 +38,9 @@ class Dense(nn.Module):
     out_point: bool = False
 
     @nn.compact
-    def __call__(self, x):
-        """``x`` (..., in), a float array or a QArray -> (..., features) in ``dtype``."""
+    def __call__(self, x, mask=None):
+        """``x`` (..., in), a float array or a QArray -> (..., features) in ``dtype``;
+        ``mask`` (the leading axes, True at real tokens) goes to the ``out`` point."""
         shape = (x.shape[-1], self.features)
         kernel = quantized_weight(self, "kernel", self.kernel_init, shape, self.plan)
         dtype = self.dtype
@@ -54,7 +55,7 @@ class Dense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
-        return QuantPoint(self.plan, name="out")(y) if self.out_point else y
+        return QuantPoint(self.plan, name="out")(y, mask) if self.out_point else y
 
 
 def quantized_weight(module: nn.Module, name: str, init, shape, plan: QuantPlan):
@@ -109,7 +110,9 @@ class LayerNorm(nn.Module):
     operand: bool = False  # the output feeds matmuls (a QArray in an integer plan)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """``x`` (..., D) -> float32 (..., D); ``mask`` (leading axes, True at real tokens)
+        restricts the ``out`` point's statistics to real tokens."""
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
@@ -121,7 +124,7 @@ class LayerNorm(nn.Module):
             y = jnp.where(scale != 0, y, 0.0)
         else:
             y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
-        return QuantPoint(self.plan, name="out", operand=self.operand)(y + bias)
+        return QuantPoint(self.plan, name="out", operand=self.operand)(y + bias, mask)
 
     def migrated_gamma(self):
         """(D,) float32 ``where(gamma == 0, 1, gamma)``: what a non-scaling LN's consumers

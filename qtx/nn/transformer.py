@@ -68,21 +68,22 @@ class BlockConfig:
 
 
 class FFN(nn.Module):
-    """``fc2(act(fc1(x)))`` (B, T, D) -> (B, T, D); points ``hidden``, ``act``, ``out``."""
+    """``fc2(act(fc1(x)))`` (B, T, D) -> (B, T, D); points ``hidden``, ``act``, ``out``
+    (``token_mask`` (B, T): their statistics see real tokens only)."""
 
     cfg: BlockConfig
     plan: QuantPlan = QuantPlan()
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
+    def __call__(self, x, deterministic: bool = True, token_mask=None):
         c, p = self.cfg, self.plan
         init = nn.initializers.normal(c.init_std)
         out_init = nn.initializers.normal(c.out_init_std or c.init_std)
         h = Dense(c.intermediate_size, p, c.use_bias, init, c.dtype, name="fc1")(x)
-        h = QuantPoint(p, name="hidden")(h)
-        h = QuantPoint(p, name="act", operand=True)(ACTIVATIONS[c.activation](h))
+        h = QuantPoint(p, name="hidden")(h, token_mask)
+        h = QuantPoint(p, name="act", operand=True)(ACTIVATIONS[c.activation](h), token_mask)
         h = Dense(x.shape[-1], p, c.use_bias, out_init, c.dtype, name="fc2")(h)
-        return QuantPoint(p, name="out")(h)
+        return QuantPoint(p, name="out")(h, token_mask)
 
 
 def drop_path(module: nn.Module, x, rate, deterministic: bool):
@@ -159,20 +160,21 @@ class TransformerLayer(nn.Module):
             y = self.drop(y, deterministic=deterministic or c.dropout == 0)
             return drop_path(self, y, rate, deterministic)
 
+        m = token_mask  # (B, T): the points' statistics see real tokens only
         if c.pre_ln:
-            a = branch(self.attn(self.attn_ln(x), mask, token_mask, deterministic))
-            x = self.residual_attn(x + a)
-            f = branch(self.ffn(self.ffn_ln(x), deterministic))
-            return self.residual_ffn(x + f)
-        a = branch(self.attn(x, mask, token_mask, deterministic))
+            a = branch(self.attn(self.attn_ln(x, m), mask, m, deterministic))
+            x = self.residual_attn(x + a, m)
+            f = branch(self.ffn(self.ffn_ln(x, m), deterministic, m))
+            return self.residual_ffn(x + f, m)
+        a = branch(self.attn(x, mask, m, deterministic))
         x = as_float(x)
         shortcut = x if shortcut_gamma is None else x * shortcut_gamma
-        xq = self.attn_ln(self.residual_attn(shortcut + a))
-        f = branch(self.ffn(xq, deterministic))
+        xq = self.attn_ln(self.residual_attn(shortcut + a, m), m)
+        f = branch(self.ffn(xq, deterministic, m))
         x = as_float(xq)
         if c.gamma_migrated:
             x = x * self.attn_ln.migrated_gamma()
-        return self.ffn_ln(self.residual_ffn(x + f))
+        return self.ffn_ln(self.residual_ffn(x + f, m), m)
 
 
 REMAT_POLICIES = {

@@ -58,6 +58,7 @@ from qtx.quant.integer import (
 from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
 from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
 from qtx.quant.ranges import (
+    View,
     fake_quant_range,
     from_view,
     learnable_init,
@@ -112,7 +113,11 @@ class QuantPoint(nn.Module):
     operand: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """``x`` any shape; ``mask``: bool, True at real tokens, broadcastable to ``x`` once
+        trailing axes are added ((B, T) for (B, T, ...) activations; attention maps pass
+        (B, 1, T, S)). Calibration statistics, LSQ inits and dynamic ranges then see only the
+        real tokens; None (images, weights) = every element."""
         x = as_float(x)
         name = "/".join(self.path)
         if self.is_mutable_collection(POINTS) and not self.is_initializing():
@@ -132,7 +137,7 @@ class QuantPoint(nn.Module):
             return x
         if self.plan.integer and mode == "learn":
             mode = "quantize"
-        return self._quantize(x, spec, mode, name)
+        return self._quantize(x, spec, mode, name, mask)
 
     def _integer(self, spec: QuantSpec, view, name: str) -> bool:
         """Whether this point hands a QArray to its matmul."""
@@ -197,15 +202,18 @@ class QuantPoint(nn.Module):
                 self.put_variable(INT, "offset", jnp.asarray(offset, jnp.float32))
         return QArray(codes, scale, zero, offset, out, _grid_bits(spec))
 
-    def _quantize(self, x, spec: QuantSpec, mode: str, name: str):
+    def _quantize(self, x, spec: QuantSpec, mode: str, name: str, mask=None):
         view = make_view(x.shape, spec, self.channel_axis, self.head_axis, name)
         xv = to_view(x, view).astype(jnp.float32)
+        mv = None if mask is None or self.kind != "act" else _mask_view(mask, x.shape, view)
         sequential = self.plan.calibration == "sequential"
         if spec.bits == 1:
             if mode == "calibrate":
                 self._count_nonfinite(xv)
                 if not sequential or self.is_initializing():
                     return x
+            if self.kind == "act" and spec.granularity == "tensor":
+                view = _token_view(x.shape, self.head_axis)  # sign(x) mean|x| per token
             alpha = jax.lax.stop_gradient(reduce(jnp.mean, jnp.abs(xv), view))
             out = from_view(binary_quant(xv, alpha), view).astype(x.dtype)
             if mode != "calibrate" and self._integer(spec, view, name):
@@ -217,22 +225,24 @@ class QuantPoint(nn.Module):
         qmin, qmax = grid_bounds(spec.bits, spec.scheme)
         learn = spec.learn != "none"
         if learn:
-            scale, offset = self._learnable_params(xv, view, spec)
+            scale, offset = self._learnable_params(xv, view, spec, mv)
         if mode == "calibrate":
-            lo, hi = self._calibrate(xv, view, spec)
+            lo, hi = self._calibrate(xv, view, spec, mv)
             if not sequential or lo is None:
                 return x
             y = fake_quant_range(xv, *jax.lax.stop_gradient((lo, hi)), spec)
             return from_view(y, view).astype(x.dtype)
 
         if learn:
-            scale = jnp.maximum(scale, spec.min_scale)
+            # The floor is straight-through: a step pushed below min_scale is used at the
+            # floor and keeps its gradient (a plain maximum would freeze it at 0 gradient).
+            scale = scale + jax.lax.stop_gradient(jnp.maximum(scale, spec.min_scale) - scale)
             if mode != "learn":
                 scale, offset = jax.lax.stop_gradient((scale, offset))
             g = grad_scale_value(spec.grad_scale, xv, jnp.size(scale), qmax)
             y = uniform_quant(xv, scale, offset, qmin, qmax, g)
         else:
-            lo, hi = self._frozen_range(xv, view, spec, name)
+            lo, hi = self._frozen_range(xv, view, spec, name, mv)
             y = fake_quant_range(xv, lo, hi, spec)
         if self.kind == "weight" and self.is_mutable_collection(WEIGHTS):
             if not learn:
@@ -259,9 +269,9 @@ class QuantPoint(nn.Module):
         self.put_variable(WEIGHTS, "offset", jnp.asarray(offset, jnp.float32))
         self.put_variable(WEIGHTS, "levels", jnp.arange(qmin, qmax + 1, dtype=jnp.float32))
 
-    def _learnable_params(self, xv, view, spec):
+    def _learnable_params(self, xv, view, spec, mask=None):
         def init(which):
-            lo, hi = estimators.estimate(xv, view, spec)
+            lo, hi = estimators.estimate(xv, view, spec, mask)
             return learnable_init(lo, hi, spec)[which]
 
         if not self.is_initializing() and not self.has_variable("params", "step"):
@@ -273,9 +283,9 @@ class QuantPoint(nn.Module):
         offset = self.param("offset", lambda _: init(1)) if spec.learn == "lsq+" else 0.0
         return scale, offset
 
-    def _frozen_range(self, xv, view, spec, name):
+    def _frozen_range(self, xv, view, spec, name, mask=None):
         if spec.dynamic or self.is_initializing():
-            return estimators.estimate(xv, view, spec)
+            return estimators.estimate(xv, view, spec, mask)
         if not (self.has_variable(STATS, "lo") and self.has_variable(STATS, "hi")):
             raise UserError(
                 f"quantization point '{name}' has no calibration statistics in '{STATS}'; "
@@ -290,14 +300,15 @@ class QuantPoint(nn.Module):
         bad = self.variable(STATS, "nonfinite", lambda: jnp.zeros((), jnp.int32))
         bad.value = bad.value + jnp.any(~jnp.isfinite(xv)).astype(jnp.int32)
 
-    def _calibrate(self, xv, view, spec):
-        """Accumulates the batch range; returns the range so far (None while initialising)."""
+    def _calibrate(self, xv, view, spec, mask=None):
+        """Accumulates the batch range of the real elements; returns the range so far (None
+        while initialising)."""
         self._count_nonfinite(xv)
         if self.is_initializing():
             return None, None
         if spec.dynamic:
-            return estimators.estimate(xv, view, spec)
-        lo_b, hi_b = estimators.estimate(xv, view, spec)
+            return estimators.estimate(xv, view, spec, mask)
+        lo_b, hi_b = estimators.estimate(xv, view, spec, mask)
         count = self.variable(STATS, "count", lambda: jnp.zeros((), jnp.int32))
         lo = self.variable(STATS, "lo", lambda: jnp.zeros(lo_b.shape, jnp.float32))
         hi = self.variable(STATS, "hi", lambda: jnp.zeros(hi_b.shape, jnp.float32))
@@ -311,6 +322,26 @@ class QuantPoint(nn.Module):
             if spec.learn == "lsq+":
                 self.put_variable(STATS, "learn_offset", off)
         return lo.value, hi.value
+
+
+def _mask_view(mask, shape: tuple[int, ...], view):
+    """A token mask (leading axes of ``shape``) broadcast to ``shape`` and put in ``view``."""
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim > len(shape):
+        raise UserError(
+            f"a token mask of shape {tuple(mask.shape)} has more axes than its activation "
+            f"{tuple(shape)}; allowed: the activation's leading axes, e.g. (B, T)."
+        )
+    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+    return to_view(jnp.broadcast_to(mask, shape), view)
+
+
+def _token_view(shape: tuple[int, ...], head_axis: int | None):
+    """The view that reduces each token's features: (B, D) per row, (B, T, ...) per (b, t),
+    attention maps (B, H, T, S) (``head_axis`` 1) per query token (b, t)."""
+    ndim = len(shape)
+    keep = (0, 2) if ndim >= 3 and head_axis == 1 else (0, 1) if ndim >= 3 else (0,)
+    return View(shape, shape, tuple(i for i in range(ndim) if i not in keep), False)
 
 
 def _code_min(spec: QuantSpec) -> int:

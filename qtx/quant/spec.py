@@ -54,7 +54,9 @@ class QuantSpec:
     """How one point is quantized.
 
     Attributes:
-      bits: 1 (binary ``sign(x) * mean|x|``) or 2..16 (uniform grid).
+      bits: 1 (binary ``sign(x) * mean|x|``; a per-tensor activation takes ``mean|x|`` per
+        token, over its features, as the paper's ``sign(x) mean|x|`` per example) or 2..16
+        (uniform grid).
       scheme: ``symmetric`` (signed grid ``[-2^(b-1), 2^(b-1)-1]``), ``asymmetric`` (grid
         ``[0, 2^b-1]`` with integer zero point, range forced to contain 0) or ``unsigned``
         (grid ``[0, 2^b-1]``, zero point 0; for post-softmax / post-GELU outputs).
@@ -75,7 +77,8 @@ class QuantSpec:
       learn: ``none`` (fixed range), ``lsq`` (learnable step) or ``lsq+`` (step and offset).
       grad_scale: gradient scale of learnable parameters (``lsq``, ``weight_l1``, ``act_qv``,
         ``none`` or a float).
-      min_scale: lower clamp of the step (QV clamps LSQ steps at 1e-4).
+      min_scale: lower clamp of the step (QV clamps LSQ steps at 1e-4); for learnable steps
+        the clamp is straight-through, so a step below it still gets its gradient.
       mode: overrides the plan's mode for this point (``off``/``calibrate``/``quantize``/``learn``).
     """
 

@@ -114,6 +114,8 @@ def qparams(lo, hi, p: dict):
 
 def _reduce_axes(x: torch.Tensor, p: dict) -> tuple[int, ...]:
     g, nd = p["granularity"], x.dim()
+    if g == "tensor" and p["bits"] == 1 and p["kind"] == "act":  # mean|x| per token
+        return tuple(range(2, nd)) if nd >= 3 else tuple(range(1, nd))
     if g == "tensor":
         return tuple(range(nd))
     if g == "token":
