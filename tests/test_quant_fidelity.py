@@ -148,3 +148,21 @@ def test_lsq_init_uses_the_signed_qp(scheme):
     want = 2 * float(jnp.mean(jnp.abs(x))) / np.sqrt(7)
     assert float(step) == pytest.approx(want, rel=1e-5)
     assert grid_bounds(4, scheme)[1] in (7, 15)
+
+
+def test_outlier_statistics_see_real_tokens_only():
+    """Per-sequence kurtosis and inf norm of tracked points are the same whatever padding
+    follows the sentence."""
+    cfg = model_config("bert-tiny", **TEXT["bert"])
+    plan = q.QuantPlan(track=(r"ffn/out$|residual_ffn$|attn/softmax$",))
+    model = build(cfg, plan)
+    params = jax.jit(build(cfg).init)(jax.random.key(0), **dummy_inputs(cfg))["params"]
+    ids = np.random.default_rng(4).integers(5, cfg.vocab_size, size=(2, 10), dtype=np.int32)
+    seen = []
+    for width in (10, 24):
+        b = _padded(ids, [10, 6], width, pad_id=1)
+        _, st = model.apply({"params": params}, **b, mutable=["intermediates"])
+        seen.append({k: np.asarray(v[0]) for k, v in flatten_dict(st["intermediates"]).items()})
+    assert len(seen[0]) == 3 * 2 * 2
+    for k in seen[0]:
+        np.testing.assert_allclose(seen[0][k], seen[1][k], rtol=1e-4, err_msg="/".join(k))

@@ -74,7 +74,8 @@ def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
       scale, offset: broadcastable to ``x`` (scalar, or keepdims shape for per-channel/group).
       qmin, qmax: integer-valued grid bounds, Python numbers or arrays broadcastable to ``x``
         (no gradient).
-      grad_scale: scalar multiplier of the ``scale``/``offset`` gradients.
+      grad_scale: multiplier of the ``scale``/``offset`` gradients, a scalar or broadcastable
+        to ``scale`` (one per step, e.g. ``weight_l1`` per channel).
     """
     v = (x - offset) / scale
     return jnp.clip(jnp.round(v), qmin, qmax) * scale + offset
@@ -128,15 +129,22 @@ def _binary_bwd(res, ct):
 binary_quant.defvjp(_binary_fwd, _binary_bwd)
 
 
-def grad_scale_value(kind, x: jax.Array, num_scales: int, qmax: int) -> jax.Array:
+def grad_scale_value(
+    kind, x: jax.Array, num_scales: int, qmax: int, axes: tuple[int, ...] | None = None
+) -> jax.Array:
     """Gradient scale ``g`` for a learnable step.
 
     ``N`` is the number of elements sharing one step (``x.size / num_scales``).
 
     * ``"lsq"``: ``1 / sqrt(N * Qp)`` (LSQ);
-    * ``"weight_l1"``: ``1 / sqrt(Qp * ||W||_1)`` (Quantization Variation, weights);
+    * ``"weight_l1"``: ``1 / sqrt(Qp * ||W||_1)`` (Quantization Variation, weights); with
+      several steps and ``axes`` (the axes of ``x`` that one step spans, e.g. a view's
+      ``axes``), each step's own ``1 / sqrt(Qp * ||W_c||_1)`` in the keepdims shape of the
+      step; without ``axes``, the mean channel L1 for every step;
     * ``"act_qv"``: ``1 / (Qp * sqrt(N))`` (Quantization Variation, activations);
     * ``"none"``: ``1``; a number: that number.
+
+    A scalar, except ``weight_l1`` per channel.
     """
     n = max(x.size // max(num_scales, 1), 1)
     qp = max(qmax, 1)
@@ -145,7 +153,11 @@ def grad_scale_value(kind, x: jax.Array, num_scales: int, qmax: int) -> jax.Arra
     if kind == "act_qv":
         return jnp.asarray(1.0 / (qp * math.sqrt(n)), jnp.float32)
     if kind == "weight_l1":
-        l1 = jnp.sum(jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)) / max(num_scales, 1)
+        a = jnp.abs(jax.lax.stop_gradient(x)).astype(jnp.float32)
+        if axes is not None and num_scales > 1:
+            l1 = jnp.sum(a, axis=tuple(axes), keepdims=True)
+        else:
+            l1 = jnp.sum(a) / max(num_scales, 1)
         return jax.lax.rsqrt(qp * jnp.maximum(l1, 1e-12))
     if kind == "none":
         return jnp.asarray(1.0, jnp.float32)

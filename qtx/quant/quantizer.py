@@ -125,8 +125,8 @@ class QuantPoint(nn.Module):
             self.put_variable(POINTS, self.kind, jnp.zeros(x.shape, jnp.bool_))
             return x
         if self.plan.track and self.plan.tracks(name) and x.ndim >= 2:
-            self.sow(OBSERVED, "kurtosis", kurtosis_per_sequence(x))
-            self.sow(OBSERVED, "inf_norm", inf_norm_per_sequence(x))
+            self.sow(OBSERVED, "kurtosis", kurtosis_per_sequence(x, mask))
+            self.sow(OBSERVED, "inf_norm", inf_norm_per_sequence(x, mask))
         spec, mode = self.plan.resolve(name, self.kind)
         record = self.kind == "act" and x.ndim >= 2 and self.is_mutable_collection(TOKENS)
         if spec is not None and record and not self.is_initializing():
@@ -239,7 +239,7 @@ class QuantPoint(nn.Module):
             scale = scale + jax.lax.stop_gradient(jnp.maximum(scale, spec.min_scale) - scale)
             if mode != "learn":
                 scale, offset = jax.lax.stop_gradient((scale, offset))
-            g = grad_scale_value(spec.grad_scale, xv, jnp.size(scale), qmax)
+            g = grad_scale_value(spec.grad_scale, xv, jnp.size(scale), qmax, axes=view.axes)
             y = uniform_quant(xv, scale, offset, qmin, qmax, g)
         else:
             lo, hi = self._frozen_range(xv, view, spec, name, mv)

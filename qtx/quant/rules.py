@@ -7,7 +7,8 @@ without a spec keeps matching points in full precision, which lets presets say e
 what they leave alone. The plan's ``mode`` applies to every point whose spec sets none.
 
 After a model is set up, :func:`match_report` lists the points no rule matched and the rules
-that matched nothing.
+that matched nothing (except ``optional`` ones: preset rules for points only some model
+families or variants have).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from qtx.quant.spec import KINDS, MODES, QuantSpec, spec_from_dict
 class QuantRule:
     """``pattern`` (regex, searched in the point name) and ``kind`` select; ``spec`` sets.
 
-    ``spec=None`` keeps the matched points in full precision.
+    ``spec=None`` keeps the matched points in full precision. ``optional``: matching no point
+    is expected (a point some models lack), so :func:`match_report` does not list it.
     """
 
     pattern: str
     spec: QuantSpec | None = None
     kind: str = "any"
     label: str = ""
+    optional: bool = False
 
     def __post_init__(self):
         try:
@@ -131,29 +134,36 @@ class QuantPlan:
         return dataclasses.replace(self, rules=tuple(rules) + self.rules)
 
 
-def rule(pattern: str, kind: str = "any", label: str = "", off: bool = False, **settings):
+def rule(
+    pattern: str,
+    kind: str = "any",
+    label: str = "",
+    off: bool = False,
+    optional: bool = False,
+    **settings,
+):
     """Shorthand: ``rule('attn/softmax$', 'act', bits=8, scheme='unsigned')``."""
     spec = None if off else spec_from_dict(settings, where=f"rule {pattern!r}")
-    return QuantRule(pattern=pattern, spec=spec, kind=kind, label=label)
+    return QuantRule(pattern=pattern, spec=spec, kind=kind, label=label, optional=optional)
 
 
 def rule_from_dict(d: Mapping) -> QuantRule:
-    """A rule from a config mapping: ``pattern``, optional ``kind``/``label``/``off``, settings."""
+    """A rule from a config mapping: ``pattern``, optional ``kind``/``label``/``off``, settings.
+
+    Never ``optional``: a config's rule that matches no point is always reported."""
     d = dict(d)
     if "pattern" not in d:
         raise UserError(f"quant rule {d} has no 'pattern'; every rule needs a regex pattern.")
-    return rule(
-        d.pop("pattern"),
-        d.pop("kind", "any"),
-        d.pop("label", ""),
-        bool(d.pop("off", False)),
-        **d,
-    )
+    pattern, kind, label = d.pop("pattern"), d.pop("kind", "any"), d.pop("label", "")
+    off = bool(d.pop("off", False))
+    spec = None if off else spec_from_dict(d, where=f"rule {pattern!r}")
+    return QuantRule(pattern=pattern, spec=spec, kind=kind, label=label)
 
 
 @dataclasses.dataclass
 class MatchReport:
-    """Which rule each point matched; the unmatched points; the unused rules."""
+    """Which rule each point matched; the unmatched points; the unused rules (optional rules
+    that matched nothing are not listed)."""
 
     matched: dict[str, str]
     unmatched_points: list[str]
@@ -186,5 +196,5 @@ def match_report(plan: QuantPlan, points: Mapping[str, str]) -> MatchReport:
         matched[name] = plan.rules[i].name
         if plan.rules[i].spec is not None and (plan.rules[i].spec.mode or plan.mode) != "off":
             on.append(name)
-    unused = [r.name for i, r in enumerate(plan.rules) if i not in used]
+    unused = [r.name for i, r in enumerate(plan.rules) if i not in used and not r.optional]
     return MatchReport(matched, unmatched, unused, on)
