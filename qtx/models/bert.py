@@ -86,6 +86,7 @@ class Bert(nn.Module):
         embed = BertEmbeddings(c, p, name="embed")
         h = embed(input_ids, token_type_ids, deterministic, token_mask)
         mask = token_mask[:, None, None, :]
+        pooled = c.pooler or c.head == "classification"
         h, states = run_layers(
             c.block(),
             p,
@@ -99,6 +100,7 @@ class Bert(nn.Module):
             embed.ln.migrated_gamma() if c.gamma_migrated else None,
             scan=c.scan_layers,
             remat_policy=c.remat_policy,
+            pooled=pooled,
         )
         hq, h = h, as_float(h)  # hq: a QArray in an integer plan (the MLM transform's input)
         out = {"last_hidden_state": h}
@@ -106,7 +108,7 @@ class Bert(nn.Module):
             out["hidden_states"] = states
         dropout = nn.Dropout(c.dropout)
         init = nn.initializers.normal(c.init_std)
-        if c.pooler or c.head == "classification":
+        if pooled:
             out["pooled"] = Pooler(c, p, name="pooler")(h[:, 0])
         if c.head == "classification":
             x = dropout(out["pooled"], deterministic=deterministic or c.dropout == 0)

@@ -102,12 +102,17 @@ class LayerNorm(nn.Module):
     (gamma != 0)``, so that ``y = g * y'`` exactly: a channel whose gamma is 0 outputs the
     constant beta in both forms. The caller applies ``g`` where it was migrated (the
     shortcut); the weights that read ``y'`` already hold it.
+
+    ``alias``: a second name rules may give the output point (``head_ln/out``, see
+    ``qtx.nn.transformer``); a full-precision rule for it that precedes the rules for ``out``
+    leaves the output without a point (:func:`alias_removes`).
     """
 
     plan: QuantPlan = QuantPlan()
     eps: float = 1e-5
     non_scaling: bool = False
     operand: bool = False  # the output feeds matmuls (a QArray in an integer plan)
+    alias: str | None = None  # a second name of ``out`` for rules (see alias_removes)
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -124,12 +129,24 @@ class LayerNorm(nn.Module):
             y = jnp.where(scale != 0, y, 0.0)
         else:
             y = y * QuantPoint(self.plan, "weight", channel_axis=-1, name="weight")(scale)
+        if self.alias and alias_removes(self.plan, "/".join(self.path) + "/out", self.alias):
+            return y + bias
         return QuantPoint(self.plan, name="out", operand=self.operand)(y + bias, mask)
 
     def migrated_gamma(self):
         """(D,) float32 ``where(gamma == 0, 1, gamma)``: what a non-scaling LN's consumers
         multiply by (call after ``__call__``)."""
         return migrated_gamma(self.get_variable("params", "scale"))
+
+
+def alias_removes(plan: QuantPlan, name: str, alias: str) -> bool:
+    """Whether the activation point ``name`` is left out (not placed, listed or calibrated)
+    through its second name ``alias``: the first rule matching ``alias`` has no spec and
+    comes before every rule matching ``name``. A rule matching both names (``.``) or only
+    ``name`` decides as usual, so an alias changes nothing unless a rule names it."""
+    i = plan.rule_for(alias, "act")
+    j = plan.rule_for(name, "act")
+    return i is not None and plan.rules[i].spec is None and (j is None or i < j)
 
 
 def migrated_gamma(gamma):

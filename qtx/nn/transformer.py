@@ -18,6 +18,12 @@ With ``gamma_migrated`` (Outlier Suppression's gamma migration, see
 the weights that read them. Post-LN layers then also multiply the shortcut by it:
 ``x' = LN'(g_in * x + Attn(x))`` where ``g_in`` is the gamma of the LayerNorm that produced
 ``x``; the last layer's FFN LayerNorm feeds the model head and keeps its gamma.
+
+When a pooler reads the last post-LN layer (``run_layers(..., pooled=True)``), that layer's
+``ffn_ln/out`` also has the rule name ``head_ln/out`` (:data:`HEAD_LN_ALIAS`): rules cannot
+tell the last layer by its name, so a full-precision rule for ``head_ln/out`` ahead of the
+rules for ``ffn_ln/out`` leaves the pooled LayerNorm output without a point (the Outlier
+Suppression reference, whose pooler quantizes its own input; ``qtx.nn.layers.alias_removes``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+HEAD_LN_ALIAS = "head_ln/out"  # rule name of the last post-LN ffn_ln/out a pooler reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +107,15 @@ class TransformerLayer(nn.Module):
 
     ``shortcut_gamma`` (D,): with gamma migration in a post-LN model, the migrated gamma of
     the LayerNorm that produced ``x`` (None: 1). ``head_ln``: this layer's output LayerNorm
-    feeds the model head (the last post-LN layer), so it keeps its gamma.
+    feeds the model head (the last post-LN layer), so it keeps its gamma. ``pooled``: with
+    ``head_ln``, a pooler reads that output, whose point then has the alias
+    :data:`HEAD_LN_ALIAS`.
     """
 
     cfg: BlockConfig
     plan: QuantPlan = QuantPlan()
     head_ln: bool = False
+    pooled: bool = False
 
     def setup(self):
         c, p = self.cfg, self.plan
@@ -126,7 +136,13 @@ class TransformerLayer(nn.Module):
         self.ffn = FFN(c, p)
         # both LayerNorms feed matmuls (the branch, or in post-LN the FFN / the next layer)
         self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
-        self.ffn_ln = LayerNorm(p, c.ln_eps, non_scaling=self.output_ln_migrated, operand=True)
+        self.ffn_ln = LayerNorm(
+            p,
+            c.ln_eps,
+            non_scaling=self.output_ln_migrated,
+            operand=True,
+            alias=HEAD_LN_ALIAS if self.head_ln and self.pooled else None,
+        )
         self.residual_attn = QuantPoint(p)
         self.residual_ffn = QuantPoint(p)
         self.drop = nn.Dropout(c.dropout)
@@ -198,6 +214,7 @@ def run_layers(
     linear_drop_path=False,
     scan=False,
     remat_policy="full",
+    pooled=False,
 ):
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
@@ -213,6 +230,7 @@ def run_layers(
     single layer named ``layers`` whose variables carry a leading layer axis (compiled once,
     whatever the depth); :class:`qtx.models.scan.ScannedModel` shows them as ``layer_i``.
     In an integer plan ``x`` and the result may be QArrays (post-LN); ``states`` are float.
+    ``pooled``: a pooler reads the result (see :class:`TransformerLayer`).
     """
     if scan:
         return _scan_layers(
@@ -231,7 +249,7 @@ def run_layers(
         if linear_drop_path:
             rate = cfg.drop_path * i / max(num_layers - 1, 1)
             layer_cfg = dataclasses.replace(cfg, drop_path=rate)
-        layer = layer_cls(layer_cfg, plan, head_ln, name=f"layer_{i}")
+        layer = layer_cls(layer_cfg, plan, head_ln, head_ln and pooled, name=f"layer_{i}")
         x = layer(x, mask, token_mask, deterministic, shortcut_gamma)
         shortcut_gamma = layer.output_gamma()
         states.append(as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma)

@@ -133,7 +133,7 @@ def calibrate_method(
             if not settings.quantize_weights:
                 search_plan = plan.prepend((quant.rule(".", "weight", off=True),))
             search = length_buckets(calib)
-            ref = Reference(qcfg, variables["params"], search)
+            ref = Reference(qcfg, variables["params"], search, settings.output)
             bits = activation_bits(plan)
             variables, info["coarse"] = coarse_search(
                 qcfg, search_plan, variables, search, ref, bits, settings

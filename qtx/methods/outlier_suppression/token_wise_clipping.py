@@ -1,15 +1,17 @@
 """Token-wise clipping: activation ranges that minimise the model's output error.
 
-Objective: ``min_s ||f_hat(s) - f||^2``, ``f`` the full-precision model's output (logits) and
-``f_hat`` the quantized model's, over the calibration samples.
+Objective: ``min_s ||f_hat(s) - f||^2``, ``f`` the full-precision model's final output and
+``f_hat`` the quantized model's, over the calibration samples (:func:`objective_output`: the
+logits when the model has a head, else the last hidden state; token outputs over real tokens).
 
 * Coarse stage (:func:`coarse_search`). Each quantized activation's per-token max and min are
   collected on the full-precision model, padding tokens removed. For one ``alpha`` every
   activation's range is ``upper = quantile(|token max|, alpha)``, ``lower =
   -quantile(|token min|, alpha)``, each snapped to the nearest actual token max / min inside it
   (:func:`clip_range`). One global ``alpha`` is picked from :func:`alpha_grid` by the output
-  MSE. Attention probabilities (``minmax_points``) keep their plain min/max, and so do
-  activations that are not per-tensor.
+  MSE. Attention probabilities and the head inputs (pooler input and output, classifier
+  input: one row per example, not per token) keep their plain min/max (``minmax_points``, as
+  the reference), and so do activations that are not per-tensor.
 * Fine stage (:func:`fine_tune`). Every activation quantizer becomes LSQ+ (learnable step and
   offset) initialised to equal its coarse quantizer; only those parameters train, with Adam
   and a cosine decay to 0, on the same output MSE (paper: lr 1e-5, 3 epochs). The output MSE
@@ -42,7 +44,11 @@ from qtx.quant.ranges import qparams_from_range
 from qtx.train.losses import model_inputs
 from qtx.train.mesh import fetch
 
-MINMAX_POINTS = (r"(^|/)attn/softmax$",)
+MINMAX_POINTS = (
+    r"(^|/)attn/softmax$",
+    r"(^|/)pooler/(in|out)$",
+    r"(^|/)(dist_)?classifier/in$",
+)
 CACHE_BYTES = 512 * 2**20  # full-precision outputs are kept on device up to this size
 
 
@@ -52,7 +58,9 @@ class TWCSettings:
 
     ``alpha_step``/``num_alphas``: the grid ``1 - alpha_step * i`` (:func:`alpha_grid`);
     ``fine_lr``/``fine_epochs``: Adam with cosine decay over the calibration batches (0
-    epochs: coarse stage only); ``quantize_weights``: weights quantized during the search.
+    epochs: coarse stage only); ``quantize_weights``: weights quantized during the search;
+    ``minmax_points``: patterns of activations that keep their calibrated range; ``output``:
+    the model output the objective compares (None: :func:`objective_output`'s default).
     """
 
     alpha_step: float = 0.01
@@ -61,6 +69,7 @@ class TWCSettings:
     fine_epochs: int = 3
     quantize_weights: bool = True
     minmax_points: tuple[str, ...] = MINMAX_POINTS
+    output: str | None = None
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -77,6 +86,8 @@ class TWCSettings:
             bad("fine_lr", "a number >= 0")
         if int(self.fine_epochs) != self.fine_epochs or self.fine_epochs < 0:
             bad("fine_epochs", "an integer >= 0")
+        if self.output is not None and (not isinstance(self.output, str) or not self.output):
+            bad("output", "None or the name of a model output, e.g. 'logits', 'pooled'")
         object.__setattr__(self, "minmax_points", tuple(self.minmax_points))
 
 
@@ -145,12 +156,27 @@ def length_buckets(batches: Sequence[dict], multiple: int = 16) -> list[dict]:
     return out
 
 
+def objective_output(outputs, name: str | None = None) -> str:
+    """The key of the model output the objective compares: ``name`` if given, else
+    ``logits`` when the model has a head, else ``last_hidden_state`` (B, T, D).
+    ``outputs``: the model's output dict (arrays or shapes)."""
+    arrays = sorted(k for k, v in outputs.items() if hasattr(v, "shape"))
+    if name is None:
+        name = "logits" if "logits" in arrays else "last_hidden_state"
+    if name not in arrays:
+        raise UserError(
+            f"token-wise clipping setting output={name!r} is not an output of this model; "
+            f"allowed: {', '.join(arrays)}."
+        )
+    return name
+
+
 def output_error(out, ref, batch):
-    """``(sum of squared errors, count)`` of logits ``out`` against ``ref``; token outputs
-    (B, T, V) count real tokens only (``attention_mask``)."""
+    """``(sum of squared errors, count)`` of the output ``out`` against ``ref``; token outputs
+    (B, T, V) count real tokens only (``attention_mask`` (B, T))."""
     err = jnp.square(out.astype(jnp.float32) - ref.astype(jnp.float32))
     mask = batch.get("attention_mask")
-    if err.ndim == 3 and mask is not None:
+    if err.ndim == 3 and mask is not None and tuple(mask.shape) == err.shape[:2]:
         w = mask.astype(jnp.float32)[..., None]
         return jnp.sum(err * w), jnp.sum(w) * err.shape[-1]
     return jnp.sum(err), jnp.asarray(err.size, jnp.float32)
@@ -158,25 +184,30 @@ def output_error(out, ref, batch):
 
 class Reference:
     """The full-precision outputs ``f`` of the calibration batches: cached on device when
-    they fit in ``CACHE_BYTES``, else recomputed (jitted) each time they are needed."""
+    they fit in ``CACHE_BYTES``, else recomputed (jitted) each time they are needed.
 
-    def __init__(self, cfg: ModelConfig, params, batches: Sequence[dict]):
+    ``output``: the model output compared (``key``, see :func:`objective_output`)."""
+
+    def __init__(self, cfg: ModelConfig, params, batches: Sequence[dict], output=None):
         self.model = build(cfg, quant.QuantPlan())
         self.params = params
         family = cfg.family
-        self._fp = jax.jit(lambda p, b: self.model.apply({"params": p}, **model_inputs(family, b)))
-        first = jax.eval_shape(self._fp, params, batches[0])["logits"]
+
+        def forward(p, b):
+            return self.model.apply({"params": p}, **model_inputs(family, b))
+
+        self.key = objective_output(jax.eval_shape(forward, params, batches[0]), output)
+        self._fp = jax.jit(lambda p, b: forward(p, b)[self.key])
+        first = jax.eval_shape(self._fp, params, batches[0])
         size = np.prod(first.shape) * 4 * len(batches)
-        self.cached = (
-            [self._fp(params, b)["logits"] for b in batches] if size <= CACHE_BYTES else None
-        )
+        self.cached = [self._fp(params, b) for b in batches] if size <= CACHE_BYTES else None
         self.family = family
 
-    def logits(self, i: int, batch):
-        """The full-precision logits of calibration batch ``i``."""
+    def output(self, i: int, batch):
+        """The full-precision output ``key`` of calibration batch ``i``."""
         if self.cached is not None:
             return self.cached[i]
-        return self._fp(self.params, batch)["logits"]
+        return self._fp(self.params, batch)
 
 
 def collect_token_extremes(
@@ -239,13 +270,13 @@ def make_error_fn(cfg: ModelConfig, plan: quant.QuantPlan, ref: Reference) -> Ca
 
     @jax.jit
     def batch_error(variables, batch, fp):
-        out = model.apply(variables, **model_inputs(cfg.family, batch))["logits"]
+        out = model.apply(variables, **model_inputs(cfg.family, batch))[ref.key]
         return output_error(out, fp, batch)
 
     def error(variables, batches):
         total, count = 0.0, 0.0
         for i, b in enumerate(batches):
-            s, n = batch_error(variables, b, ref.logits(i, b))
+            s, n = batch_error(variables, b, ref.output(i, b))
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -373,7 +404,7 @@ def qat_init(
     on its range. Returns ``(variables, coarse info)``."""
     fixed = frozen_plan(plan).with_mode("quantize")
     batches = length_buckets(batches)
-    ref = Reference(cfg, variables["params"], batches)
+    ref = Reference(cfg, variables["params"], batches, settings.output)
     best, info = coarse_search(
         cfg, fixed, variables, batches, ref, activation_bits(fixed), settings
     )
@@ -414,7 +445,7 @@ def fine_tune(
     def loss_fn(q, frozen, batch, fp):
         params = unflatten_dict({**frozen, **q})
         out = model.apply({"params": params, quant.STATS: stats}, **model_inputs(cfg.family, batch))
-        s, n = output_error(out["logits"], fp, batch)
+        s, n = output_error(out[ref.key], fp, batch)
         return s / n
 
     @jax.jit(donate_argnums=(0, 1))
@@ -433,7 +464,7 @@ def fine_tune(
     opt_state = tx.init(train)
     for epoch in range(int(settings.fine_epochs)):
         for i, b in enumerate(batches):
-            train, opt_state, _ = train_step(train, opt_state, frozen, b, ref.logits(i, b))
+            train, opt_state, _ = train_step(train, opt_state, frozen, b, ref.output(i, b))
         e = error(current(train), batches)
         if e < best[0]:
             best = (e, jax.tree.map(jnp.copy, train), epoch + 1)
