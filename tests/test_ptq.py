@@ -77,10 +77,12 @@ def test_w8a8_is_close_to_fp_and_w4a4_is_further(fp):
         assert rep.unmatched_points == [] and rep.unused_rules == []
         assert set(rep.matched) - set(rep.quantized) == FP_POINTS
         assert len(rep.quantized) >= 20
-    # per-tensor grids: a quantized point's output takes at most 2^bits distinct values
+    # per-tensor grids: a quantized point's output takes at most 2^bits distinct values; the
+    # residual stream stays at 8 bits in W4A4
     for name in rep8.quantized:
+        stream = name == "embed/sum" or "/residual_" in name
         assert len(np.unique(out8[name])) <= 256, name
-        assert len(np.unique(out4[name])) <= 16, name
+        assert len(np.unique(out4[name])) <= (256 if stream else 16), name
     assert len(np.unique(out4["lm_head/logits"])) > 256  # left in full precision
     # the evaluated variables hold ranges accumulated over both calibration batches
     stats = flatten_dict(v8[q.STATS])

@@ -10,11 +10,19 @@ Presets:
   ``[0, 255]``, running min-max with momentum 0.9 (or the 99.999 percentile). Gates, the LM
   head and the final logits stay in full precision, and so does the fc1 output before the
   activation (``ffn/hidden``): the reference fuses fc1 with the activation and quantizes only
-  after it (``ffn_hidden=True`` quantizes it too).
+  after it (``ffn_hidden=True`` quantizes it too). The residual stream (``embed/sum`` and the
+  residual sums) is quantized at ``max(A, 8)`` bits (option ``residual_bits``): its range is
+  set by the largest tokens, and below 8 bits every element of a smaller token rounds to the
+  zero point, e.g. a ViT's class (and distillation) token, 30-100x smaller than its patch
+  tokens, which leaves the classifier its bias alone. At W8A8, the paper's setup, this
+  changes nothing.
 * ``os_fastertransformer`` (Outlier Suppression): W-E-A bits; weights symmetric per output
   channel, embeddings at E bits; activations asymmetric per tensor at the FasterTransformer
   positions only (embedding LN, Q/K/V, softmax, context, attention LN, GELU, FFN LN, pooler
-  in/out, classifier input). Dense outputs, scores and logits stay in full precision.
+  input, classifier input). Dense outputs, scores and logits stay in full precision, and by
+  default (``head_points='reference'``, as the reference code) so do the pooler output and the
+  LayerNorm output the pooler reads (the last post-LN ``ffn_ln/out``, rule name
+  ``head_ln/out``); ``head_points='all'`` quantizes both.
 * ``lsq``: plain LSQ at the ``qv_lsq`` points (the Quantization Variation baseline).
 * ``qv_lsq`` (Quantization Variation): LSQ per module. Linear weights symmetric LSQ at W bits
   (iterative init, ``1/sqrt(Qp ||W||_1)`` gradient scale); patch embedding, embeddings and
@@ -39,6 +47,8 @@ from qtx.quant.rules import CALIBRATIONS, QuantPlan, rule, rule_from_dict
 
 _EXCLUDE_HEADS = r"(^|/)(lm_head|mlm_head)/|(^|/)logits$|/logits$"
 _LN_WEIGHT = r"(^|/)(\w+_)?ln/weight$"
+# The residual stream: the embedding sum and both residual sums of every layer.
+_RESIDUAL_STREAM = r"(^|/)embed/sum$|(^|/)residual_(attn|ffn)$"
 
 
 def parse_bits(s: str) -> dict[str, int]:
@@ -62,11 +72,23 @@ def w8a8_all(
     momentum=0.9,
     percentile=99.999,
     ffn_hidden=False,
+    residual_bits=None,
 ):
     """Quantizable Transformers' W8A8: every activation, per tensor (see module docstring).
 
     ``ffn_hidden``: also quantize the fc1 output before the activation (the reference does not).
+    ``residual_bits``: width of the residual stream (``embed/sum``, ``residual_attn``,
+    ``residual_ffn``); default ``max(a, 8)``, ``0`` keeps it in full precision.
     """
+    if residual_bits is not None and (
+        not isinstance(residual_bits, int)
+        or isinstance(residual_bits, bool)
+        or not (residual_bits == 0 or 2 <= residual_bits <= 16)
+    ):
+        raise UserError(
+            f"w8a8_all option residual_bits={residual_bits!r} is invalid; allowed: None "
+            "(max(a, 8)), 0 (full precision) or an integer 2..16."
+        )
     e = w if e is None else e
     fused = ()
     if not ffn_hidden:
@@ -78,10 +100,16 @@ def w8a8_all(
         momentum=momentum,
         percentile=percentile,
     )
+    r = max(a, 8) if residual_bits is None else residual_bits
+    if r == 0:
+        stream = rule(_RESIDUAL_STREAM, "act", "residual stream stays FP", off=True)
+    else:
+        stream = rule(_RESIDUAL_STREAM, "act", f"residual stream at {r} bits", **{**act, "bits": r})
     return (
-        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True, optional=True),
         rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
         *fused,
+        stream,
         rule(
             r"(^|/)embed/",
             "weight",
@@ -103,7 +131,7 @@ OS_ACT_POINTS = (
     r"(^|/)attn_ln/out$",
     r"(^|/)ffn/act$",
     r"(^|/)ffn_ln/out$",
-    r"(^|/)pooler/(in|out)$",
+    r"(^|/)pooler/in$",
     r"(^|/)classifier/in$",
 )
 
@@ -117,6 +145,7 @@ def os_fastertransformer(
     percentile=99.999,
     percentile_of="abs",
     learn="none",
+    head_points="reference",
 ):
     """Outlier Suppression's FasterTransformer placement at W-E-A bits.
 
@@ -124,10 +153,32 @@ def os_fastertransformer(
     (``percentile_of='abs'``); ``percentile_of='x'`` takes signed 0.001 / 99.999 percentiles.
     ``learn='lsq+'`` is the paper's QAT baseline: activations LSQ+ (step and offset), weights
     LSQ (per-channel steps from their min/max), all initialised by calibration.
+    ``head_points``: ``reference`` (the reference code) quantizes the pooler input and the
+    classifier input; the LayerNorm output the pooler reads (the last post-LN layer's
+    ``ffn_ln/out``, rule name ``head_ln/out``) and the pooler output stay FP. ``all`` also
+    quantizes those two. Without a pooler the last ``ffn_ln/out`` is quantized in both.
     """
     if learn not in ("none", "lsq+"):
         raise UserError(
             f"os_fastertransformer option learn={learn!r} is invalid; allowed: none, lsq+."
+        )
+    if head_points not in ("reference", "all"):
+        raise UserError(
+            f"os_fastertransformer option head_points={head_points!r} is invalid; allowed: "
+            "reference, all."
+        )
+    acts, head = OS_ACT_POINTS, ()
+    if head_points == "all":
+        acts = acts + (r"(^|/)pooler/out$",)
+    else:  # ahead of the FasterTransformer rule, which matches its point's own name
+        head = (
+            rule(
+                r"^head_ln/out$",
+                "act",
+                "LayerNorm output the pooler reads stays FP",
+                off=True,
+                optional=True,
+            ),
         )
     e = w if e is None else e
     act = dict(
@@ -143,7 +194,7 @@ def os_fastertransformer(
     if learn != "none":
         wq = dict(wq, estimator="minmax", learn="lsq")
     return (
-        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+        rule(r"(^|/)attn/gate/", label="gates stay FP", off=True, optional=True),
         rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
         rule(r"(^|/)embed/", "weight", "embedding weights", bits=e, **wq),
         rule(r".", "weight", "linear weights", bits=w, **wq),
@@ -157,14 +208,15 @@ def os_fastertransformer(
             accumulate=accumulate,
             learn=learn,
         ),
-        rule("|".join(OS_ACT_POINTS), "act", "FasterTransformer activations", **act),
+        *head,
+        rule("|".join(acts), "act", "FasterTransformer activations", **act),
         rule(r".", "act", "other activations stay FP", off=True),
     )
 
 
 # What Quantization Variation keeps in full precision (besides unlisted points).
 _QV_FULL_PRECISION = (
-    rule(r"(^|/)attn/gate/", label="gates stay FP", off=True),
+    rule(r"(^|/)attn/gate/", label="gates stay FP", off=True, optional=True),
     rule(_EXCLUDE_HEADS, label="LM head and logits stay FP", off=True),
     rule(_LN_WEIGHT, "weight", "LayerNorm weights stay FP", off=True),
     rule(
@@ -172,6 +224,7 @@ _QV_FULL_PRECISION = (
         "weight",
         "positions and class tokens stay FP",
         off=True,
+        optional=True,
     ),
 )
 
@@ -212,7 +265,14 @@ def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
             **wq,
         ),
         rule(r"(^|/)attn_ln/out$", "act", "attention input", scheme="symmetric", **aq),
-        rule(r"(^|/)merge/ln/out$", "act", "patch-merging input", scheme="symmetric", **aq),
+        rule(
+            r"(^|/)merge/ln/out$",
+            "act",
+            "patch-merging input",
+            optional=True,
+            scheme="symmetric",
+            **aq,
+        ),
         rule(r"(^|/)attn/(q|k|v)$", "act", "q, k, v", scheme="symmetric", **aq, **head),
         rule(
             r"(^|/)attn/softmax$", "act", "attention probabilities", scheme="unsigned", **aq, **head
@@ -224,6 +284,7 @@ def qv_lsq(w=4, a=4, e=None, per_head=False, module_dependent=True):
             r"(^|/)classifier/in$",
             "act",
             "classifier input",
+            optional=True,
             scheme="symmetric",
             **{**aq, "bits": e},
         ),
@@ -295,7 +356,7 @@ def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
             **acts(softmax_bits, "unsigned"),
         ),
         rule(matmul_inputs, "act", "matmul inputs", **acts(a)),
-        rule(r"(^|/)classifier/in$", "act", "classifier input", **acts(e)),
+        rule(r"(^|/)classifier/in$", "act", "classifier input", optional=True, **acts(e)),
         rule(r".", label="everything else stays FP", off=True),
     )
 
