@@ -67,12 +67,22 @@ def test_masked_percentile_matches_numpy_and_empty_groups_are_zero():
 
 TEXT = {
     "bert": dict(
-        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-        max_positions=40, head="mlm",
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        max_positions=40,
+        head="mlm",
     ),  # fmt: skip
     "opt": dict(
-        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-        max_positions=40, init_std=0.1,
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        max_positions=40,
+        init_std=0.1,
     ),  # fmt: skip
 }
 
@@ -110,9 +120,7 @@ def test_padding_does_not_change_calibration(family, setup):
     keys = [k for k in stats[0] if k[-1] in ("lo", "hi", "learn_step", "learn_offset")]
     assert len(keys) >= 20
     changed = [
-        "/".join(k)
-        for k in keys
-        if not np.allclose(stats[0][k], stats[1][k], rtol=1e-5, atol=1e-6)
+        "/".join(k) for k in keys if not np.allclose(stats[0][k], stats[1][k], rtol=1e-5, atol=1e-6)
     ]
     assert changed == []
 
