@@ -143,3 +143,16 @@ def test_integer_models_of_a_scanned_config_run_the_layer_loop():
     check_same_model(cfg, cfg.replace(scan_layers=False, attention_kernel="einsum"), "here")
     with pytest.raises(UserError, match="num_layers"):
         check_same_model(cfg, cfg.replace(num_layers=3), "here")
+
+
+def test_scan_refuses_a_pooled_head_layernorm_left_in_full_precision():
+    """os_fastertransformer keeps the last post-LN ffn_ln/out a pooler reads in full precision,
+    which one scanned layer cannot express: a one-sentence error, and 'all' works."""
+    cfg = model_config("bert-tiny", head="classification", num_labels=2, scan_layers=True)
+    plan = q.QuantPlan(q.setup_rules("os_fastertransformer:W8A8"), mode="calibrate")
+    with pytest.raises(UserError, match="scan_layers=True .* head_points='all'"):
+        build(cfg, plan).init(jax.random.key(0), **dummy_inputs(cfg))
+    plan = q.QuantPlan(
+        q.setup_rules("os_fastertransformer:W8A8", head_points="all"), mode="calibrate"
+    )
+    build(cfg, plan).init(jax.random.key(0), **dummy_inputs(cfg))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from qtx.errors import UserError
 from qtx.nn.attention import AttentionConfig, MultiHeadAttention
-from qtx.nn.layers import Dense, LayerNorm
+from qtx.nn.layers import Dense, LayerNorm, alias_removes
 from qtx.quant import QuantPlan, QuantPoint
 from qtx.quant.integer import as_float
 
@@ -233,6 +233,14 @@ def run_layers(
     ``pooled``: a pooler reads the result (see :class:`TransformerLayer`).
     """
     if scan:
+        name = f"layer_{num_layers - 1}/ffn_ln/out"
+        if pooled and not cfg.pre_ln and alias_removes(plan, name, HEAD_LN_ALIAS):
+            raise UserError(
+                "config.model.scan_layers=True gives every layer the same points, but the "
+                f"quantization rules leave '{name}' (rule name '{HEAD_LN_ALIAS}') in full "
+                "precision; set scan_layers=False or quantize it (os_fastertransformer "
+                "option head_points='all')."
+            )
         return _scan_layers(
             cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect,
             linear_drop_path, remat_policy,
