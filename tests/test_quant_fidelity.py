@@ -65,26 +65,11 @@ def test_masked_percentile_matches_numpy_and_empty_groups_are_zero():
             assert abs(int(k) + float(frac) - m * p) < 1e-6, (m, p)
 
 
-TEXT = {
-    "bert": dict(
-        vocab_size=64,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        max_positions=40,
-        head="mlm",
-    ),  # fmt: skip
-    "opt": dict(
-        vocab_size=64,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        max_positions=40,
-        init_std=0.1,
-    ),  # fmt: skip
-}
+_SIZE = dict(
+    vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+    max_positions=40,
+)  # fmt: skip
+TEXT = {"bert": dict(_SIZE, head="mlm"), "opt": dict(_SIZE, init_std=0.1)}
 
 
 def _padded(ids, lengths, width, pad_id):
