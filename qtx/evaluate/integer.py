@@ -106,9 +106,18 @@ def evaluate_integer(cfg, plan, variables, run, batches, to_dev, metric: str) ->
 
 def _rule_dict(r: quant.QuantRule) -> dict:
     d = {"pattern": r.pattern, "kind": r.kind, "label": r.label}
+    if r.optional:  # a preset's rule for points only some models have
+        d["optional"] = True
     if r.spec is None:
         return {**d, "off": True}
     return {**d, **dataclasses.asdict(r.spec)}
+
+
+def _rule_from_dict(d: dict) -> quant.QuantRule:
+    """Inverse of :func:`_rule_dict` (a stored preset rule keeps its ``optional`` flag)."""
+    d = dict(d)
+    optional = bool(d.pop("optional", False))
+    return dataclasses.replace(quant.rule_from_dict(d), optional=optional)
 
 
 def _model_dict(cfg: ModelConfig) -> dict:
@@ -172,7 +181,7 @@ def load(path: str) -> tuple[ModelConfig, quant.QuantPlan, dict, dict]:
             f"allowed: {FORMAT!r} version {VERSION}."
         )
     cfg = _model_from_dict(meta["model"])
-    rules = [quant.rule_from_dict(r) for r in meta["quant"]["rules"]]
+    rules = [_rule_from_dict(r) for r in meta["quant"]["rules"]]
     plan = integer_plan(quant.QuantPlan(rules, calibration=meta["quant"]["calibration"]))
     flat = {tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(weights_path).items()}
     variables = unflatten_dict(flat)
