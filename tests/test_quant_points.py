@@ -311,12 +311,27 @@ def test_binary_point():
     want = np.sign(np.asarray(x)) * np.abs(np.asarray(x)).mean(axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6)
     # sequences: per token (b, t), over its features; padding and batch-mates change nothing
-    seq = rng.normal(size=(3, 6, 4, 2)).astype(np.float32) * rng.uniform(0.1, 5, (3, 6, 1, 1))
+    seq = rng.normal(size=(3, 6, 8)).astype(np.float32) * rng.uniform(0.1, 5, (3, 6, 1))
     y = np.asarray(Identity(plan).apply({}, jnp.asarray(seq)))
-    want = np.sign(seq) * np.abs(seq).mean(axis=(2, 3), keepdims=True)
+    want = np.sign(seq) * np.abs(seq).mean(axis=2, keepdims=True)
     np.testing.assert_allclose(y, want, rtol=1e-6)
     alone = np.asarray(Identity(plan).apply({}, jnp.asarray(seq[:1, :4])))
     np.testing.assert_allclose(alone, y[:1, :4], rtol=1e-6)
+    # per-head q / k / v / context (B, T, H, Dh), head axis 2: per token = over (H, Dh)
+    heads = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
+
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return QuantPoint(plan, head_axis=2, name="q")(x)
+
+    y = np.asarray(Heads().apply({}, jnp.asarray(heads)))
+    want = np.sign(heads) * np.abs(heads).mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+    # a (B, H, W, C) feature map (Swin) without a head axis: per token = over C only
+    grid = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+    y = np.asarray(Identity(plan).apply({}, jnp.asarray(grid)))
+    np.testing.assert_allclose(y, np.sign(grid) * np.abs(grid).mean(-1, keepdims=True), rtol=1e-6)
 
 
 def test_per_head_point_and_bad_axis():

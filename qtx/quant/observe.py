@@ -32,9 +32,9 @@ def kurtosis_per_sequence(x, mask=None):
     elements where ``mask`` (leading axes of ``x``, True at real tokens; None = all)."""
     x, m = _flat(x, mask)
     n = jnp.full((x.shape[0],), x.shape[1], jnp.float32) if m is None else m.sum(axis=1)
-    w = 1.0 if m is None else m.astype(jnp.float32)
-    mu = jnp.sum(x * w, axis=1, keepdims=True) / jnp.maximum(n, 1.0)[:, None]
-    d = (x - mu) * w
+    mu = jnp.sum(x if m is None else jnp.where(m, x, 0.0), axis=1, keepdims=True)
+    mu = mu / jnp.maximum(n, 1.0)[:, None]
+    d = x - mu if m is None else jnp.where(m, x - mu, 0.0)
     m4 = jnp.sum(d**4, axis=1) / jnp.maximum(n, 1.0)
     var = jnp.sum(d**2, axis=1) / jnp.maximum(n - 1.0, 1.0)
     return m4 / jnp.maximum(var**2, jnp.finfo(jnp.float32).tiny)

@@ -236,7 +236,8 @@ class QuantPoint(nn.Module):
         if learn:
             # The floor is straight-through: a step pushed below min_scale is used at the
             # floor and keeps its gradient (a plain maximum would freeze it at 0 gradient).
-            scale = scale + jax.lax.stop_gradient(jnp.maximum(scale, spec.min_scale) - scale)
+            sg = jax.lax.stop_gradient
+            scale = sg(jnp.maximum(scale, spec.min_scale)) + (scale - sg(scale))
             if mode != "learn":
                 scale, offset = jax.lax.stop_gradient((scale, offset))
             g = grad_scale_value(spec.grad_scale, xv, jnp.size(scale), qmax, axes=view.axes)
@@ -337,11 +338,17 @@ def _mask_view(mask, shape: tuple[int, ...], view):
 
 
 def _token_view(shape: tuple[int, ...], head_axis: int | None):
-    """The view that reduces each token's features: (B, D) per row, (B, T, ...) per (b, t),
-    attention maps (B, H, T, S) (``head_axis`` 1) per query token (b, t)."""
+    """The view that reduces each token's features: per-head tensors (B, T, H, Dh) (``head_axis``
+    2) over (H, Dh), attention maps (B, H, T, S) (``head_axis`` 1) over (H, S) per query
+    token, anything else over its last axis ((B, D), (B, T, D), Swin's (B, H, W, C))."""
     ndim = len(shape)
-    keep = (0, 2) if ndim >= 3 and head_axis == 1 else (0, 1) if ndim >= 3 else (0,)
-    return View(shape, shape, tuple(i for i in range(ndim) if i not in keep), False)
+    if ndim >= 3 and head_axis == 1:
+        axes = (1,) + tuple(range(3, ndim))
+    elif ndim >= 3 and head_axis == 2:
+        axes = tuple(range(2, ndim))
+    else:
+        axes = (ndim - 1,)
+    return View(shape, shape, axes, False)
 
 
 def _code_min(spec: QuantSpec) -> int:
