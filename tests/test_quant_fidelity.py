@@ -159,27 +159,3 @@ def test_outlier_statistics_see_real_tokens_only():
     assert len(seen[0]) == 3 * 2 * 2
     for k in seen[0]:
         np.testing.assert_allclose(seen[0][k], seen[1][k], rtol=1e-4, err_msg="/".join(k))
-
-
-def test_attention_map_statistics_see_allowed_pairs_of_real_tokens():
-    """OPT's ``scores`` range is the min/max over the causal pairs of real tokens only."""
-    cfg = model_config("opt-tiny", **TEXT["opt"])
-    params = jax.jit(build(cfg).init)(jax.random.key(0), **dummy_inputs(cfg))["params"]
-    rule = q.rule(r"layer_0/attn/scores$", "act", bits=8, estimator="minmax")
-    plan = q.QuantPlan((rule,), mode="calibrate", calibration="parallel")
-    ids = np.random.default_rng(5).integers(5, cfg.vocab_size, size=(2, 9), dtype=np.int32)
-    b = _padded(ids, [9, 4], 9, pad_id=1)
-    out, st = build(cfg, plan).apply(
-        {"params": params},
-        **b,
-        mutable=[q.STATS, "intermediates"],
-        capture_intermediates=lambda m, _: isinstance(m, q.QuantPoint),
-    )
-    scores = np.asarray(st["intermediates"]["layer_0"]["attn"]["scores"]["__call__"][0])
-    real = np.asarray(b["attention_mask"], bool)
-    allowed = real[:, None, :, None] & real[:, None, None, :] & np.tri(9, dtype=bool)
-    allowed = np.broadcast_to(allowed, scores.shape)
-    stats = st[q.STATS]["layer_0"]["attn"]["scores"]
-    np.testing.assert_allclose(float(stats["lo"]), scores[allowed].min(), rtol=1e-6)
-    np.testing.assert_allclose(float(stats["hi"]), scores[allowed].max(), rtol=1e-6)
-    assert scores.max() > scores[allowed].max() or scores.min() < scores[allowed].min()

@@ -265,10 +265,9 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (dense(n, d)(x) for n in ("q_proj", "k_proj", "v_proj"))
         split = lambda y: y.reshape(b, t, h, dh)  # noqa: E731
         # the points' statistics see real tokens only: (B, T) rows, (B, 1, T, S) pairs
-        pairs = None  # the (query, key) pairs of real tokens the attention mask allows
+        pairs = None  # the (query, key) pairs of real tokens
         if token_mask is not None:
-            keys = token_mask[:, None, None, :] if mask is None else mask
-            pairs = token_mask[:, None, :, None] & keys
+            pairs = token_mask[:, None, :, None] & token_mask[:, None, None, :]
         q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q), token_mask)
         k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k), token_mask)
         v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v), token_mask)
