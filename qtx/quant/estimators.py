@@ -33,19 +33,12 @@ def _valid(x, mask):
     return None if mask is None else jnp.broadcast_to(mask, x.shape)
 
 
-def _count(x, view: View, mask):
-    """Real elements per reduce group (float32, the reduced shape)."""
-    if mask is None:
-        return jnp.asarray(math.prod(x.shape[i] for i in view.axes), jnp.float32)
-    return reduce(jnp.sum, mask.astype(jnp.float32), view)
-
-
 def _mean(x, view: View, mask):
     """Mean over the real elements of each group (0 for an empty group)."""
     if mask is None:
         return reduce(jnp.mean, x, view)
     total = reduce(jnp.sum, jnp.where(mask, x, 0.0), view)
-    return total / jnp.maximum(_count(x, view, mask), 1.0)
+    return total / jnp.maximum(reduce(jnp.sum, mask.astype(jnp.float32), view), 1.0)
 
 
 def minmax(x, view: View, spec: QuantSpec, mask=None):
@@ -159,16 +152,13 @@ def percentile(x, view: View, spec: QuantSpec, mask=None):
     ``(max(min x, -t), min(max x, t))``; linear interpolation, as ``numpy.percentile`` of the
     real elements."""
     flat = _flatten_reduced(x, view)
-    if mask is None:
-        pct = lambda v, q: _percentile_last(v, q)  # noqa: E731
-        lo_x, hi_x = jnp.min(flat, axis=-1), jnp.max(flat, axis=-1)
-    else:
-        valid = _flatten_reduced(mask, view)
-        pct = lambda v, q: _masked_percentile_last(v, valid, q)  # noqa: E731
-        lo_x, hi_x = minmax(
-            flat, View(flat.shape, flat.shape, (flat.ndim - 1,), False), spec, valid
-        )
-        lo_x, hi_x = lo_x[..., 0], hi_x[..., 0]
+    valid = None if mask is None else _flatten_reduced(mask, view)
+
+    def pct(v, q):
+        return _percentile_last(v, q) if valid is None else _masked_percentile_last(v, valid, q)
+
+    last = View(flat.shape, flat.shape, (flat.ndim - 1,), False)
+    lo_x, hi_x = (r[..., 0] for r in minmax(flat, last, spec, valid))
     if spec.percentile_of == "abs":
         t = pct(jnp.abs(flat), spec.percentile)
         lo = jnp.maximum(lo_x, -t)

@@ -16,15 +16,28 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from qtx.errors import UserError
+
+
+def broadcast_mask(mask, shape: tuple[int, ...]):
+    """A token mask over the leading axes of ``shape`` ((B, T), or (B, 1, T, S) for attention
+    maps; any dtype) as a bool array of ``shape``: trailing axes are added, then broadcast."""
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim > len(shape):
+        raise UserError(
+            f"a token mask of shape {tuple(mask.shape)} has more axes than its activation "
+            f"{tuple(shape)}; allowed: the activation's leading axes, e.g. (B, T)."
+        )
+    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+    return jnp.broadcast_to(mask, shape)
+
 
 def _flat(x, mask):
     """(B, n) float32 values and (B, n) bool real elements (None: all)."""
-    xf = x.astype(jnp.float32)
-    if mask is None:
-        return xf.reshape(x.shape[0], -1), None
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
-    return xf.reshape(x.shape[0], -1), jnp.broadcast_to(mask, x.shape).reshape(x.shape[0], -1)
+    flat = lambda a: a.reshape(x.shape[0], -1)  # noqa: E731
+    return flat(x.astype(jnp.float32)), None if mask is None else flat(
+        broadcast_mask(mask, x.shape)
+    )
 
 
 def kurtosis_per_sequence(x, mask=None):

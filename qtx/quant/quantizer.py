@@ -55,7 +55,7 @@ from qtx.quant.integer import (
     pack_nibbles,
     unpack_nibbles,
 )
-from qtx.quant.observe import inf_norm_per_sequence, kurtosis_per_sequence
+from qtx.quant.observe import broadcast_mask, inf_norm_per_sequence, kurtosis_per_sequence
 from qtx.quant.primitives import binary_quant, grad_scale_value, grid_bounds, uniform_quant
 from qtx.quant.ranges import (
     View,
@@ -205,7 +205,9 @@ class QuantPoint(nn.Module):
     def _quantize(self, x, spec: QuantSpec, mode: str, name: str, mask=None):
         view = make_view(x.shape, spec, self.channel_axis, self.head_axis, name)
         xv = to_view(x, view).astype(jnp.float32)
-        mv = None if mask is None or self.kind != "act" else _mask_view(mask, x.shape, view)
+        mv = None  # the real tokens, in the view
+        if mask is not None and self.kind == "act":
+            mv = to_view(broadcast_mask(mask, x.shape), view)
         sequential = self.plan.calibration == "sequential"
         if spec.bits == 1:
             if mode == "calibrate":
@@ -323,18 +325,6 @@ class QuantPoint(nn.Module):
             if spec.learn == "lsq+":
                 self.put_variable(STATS, "learn_offset", off)
         return lo.value, hi.value
-
-
-def _mask_view(mask, shape: tuple[int, ...], view):
-    """A token mask (leading axes of ``shape``) broadcast to ``shape`` and put in ``view``."""
-    mask = jnp.asarray(mask, bool)
-    if mask.ndim > len(shape):
-        raise UserError(
-            f"a token mask of shape {tuple(mask.shape)} has more axes than its activation "
-            f"{tuple(shape)}; allowed: the activation's leading axes, e.g. (B, T)."
-        )
-    mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
-    return to_view(jnp.broadcast_to(mask, shape), view)
 
 
 def _token_view(shape: tuple[int, ...], head_axis: int | None):
