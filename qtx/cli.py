@@ -138,8 +138,16 @@ def run(main: Callable[[list[str]], object], program: str) -> None:
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # progress lines are printed; logs on request
+        from qtx.train import distributed
+
         try:
-            return main(argv)
+            try:
+                result = main(argv)
+            except Exception as e:
+                distributed.await_verdict(e)  # a lost peer ends this process with its line
+                raise
+            distributed.finish()
+            return result
         except MissingResources as e:
             report(e, USER_ERROR_STATUS, hint=offline_hint(program))
         except UserError as e:

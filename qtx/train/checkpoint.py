@@ -140,6 +140,17 @@ def verify_manifest(step_dir: str) -> str | None:
     return None
 
 
+def newest_complete_step(directory: str) -> int | None:
+    """The newest step whose save completed under ``directory`` (orbax renames a step's
+    temporary directory when it is complete), or None. Cheap, for messages: restoring still
+    verifies it."""
+    try:
+        steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    except OSError:
+        return None
+    return max(steps, default=None)
+
+
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split()).split(" See full TensorStore details")[0]
     return f"{type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"

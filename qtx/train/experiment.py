@@ -64,6 +64,9 @@ TRAIN_DEFAULTS = dict(
     # a checkpoint is skipped while the loss exceeds this factor times max(1, the median loss
     # of the last 100 steps): a diverging run never replaces its last good checkpoint
     sane_loss_factor=10.0,
+    # several processes: how long a process may be silent (no heartbeat) or missing at the
+    # start before the others stop with one line (qtx.train.distributed)
+    distributed_timeout_s=120.0,
 )
 EVAL_DEFAULTS = dict(
     setups=("W8A8",),  # quantized setups: names of qtx.quant.setup_rules (or {name: setup})
@@ -192,6 +195,7 @@ def load(config) -> Experiment:
             f"{', '.join(QAT_INITS)}."
         )
     _number(train, "distill", lambda v: v >= 0, "a number >= 0")
+    _number(train, "distributed_timeout_s", lambda v: v >= 1, "a number of seconds >= 1")
     _number(train, "distill_temperature", lambda v: v > 0, "a number > 0")
     _check_qat_methods(train)
     qat = plan.mode == "learn" or any(

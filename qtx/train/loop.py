@@ -26,15 +26,15 @@ from qtx.evaluate.metrics import glue_task_of, run_eval
 from qtx.methods import quant_variation
 from qtx.models import build, dummy_inputs
 from qtx.models.config import IMAGE_FAMILIES
+from qtx.train import distributed
 from qtx.train import experiment as experiment_lib
-from qtx.train.checkpoint import Checkpointer
+from qtx.train.checkpoint import Checkpointer, newest_complete_step
 from qtx.train.losses import finite_or_raise, model_inputs, sane_for_checkpoint
 from qtx.train.mesh import (
     batch_sharding,
     fetch,
     global_batch,
     make_mesh,
-    maybe_initialize_distributed,
     replicated,
     tree_shardings,
 )
@@ -97,7 +97,7 @@ def prepare(config, devices=None):
     missing = missing_resources(spec)
     if missing:
         raise MissingResources(missing)
-    maybe_initialize_distributed()
+    distributed.join(float(exp.train["distributed_timeout_s"]))
     mesh = make_mesh(exp.mesh, devices)
     for field, rows in (
         ("data.batch_size", spec.batch_size),
@@ -158,6 +158,7 @@ def train(config, workdir: str, devices=None) -> dict:
         abstract_vars,
     )
     ckpt = Checkpointer(workdir, int(tr["keep_checkpoints"]), bool(tr["async_checkpoint"]))
+    distributed.watch_checkpoints(ckpt.directory, newest_complete_step)
 
     def load(step):
         abstract = abstract_state

@@ -4,13 +4,11 @@
 size may be -1 (all remaining devices). Batches are split over both axes along their leading
 dimension. Each parameter (and its optimizer moments) is split over ``fsdp`` along its
 largest dimension that divides evenly, else replicated. The same code runs on one CPU device,
-one GPU host or many hosts (``jax.distributed.initialize`` is called by the entry point when
-several processes are launched).
+one GPU host or many hosts (the processes join first: ``qtx.train.distributed.join``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
@@ -21,15 +19,6 @@ from jax.sharding import PartitionSpec as P
 from qtx.errors import UserError
 
 AXES = ("data", "fsdp")
-
-
-def maybe_initialize_distributed() -> None:
-    """Starts multi-process JAX when launched as several processes (SLURM, or the
-    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables)."""
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
 
 
 def make_mesh(cfg: Mapping | None = None, devices=None) -> Mesh:
