@@ -1,10 +1,10 @@
 """Exports a trained workdir as a Hugging Face directory, ready for ``from_pretrained``.
 
-    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \
+    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \\
         --out=runs/opt_tiny_hf
-    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \
+    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \\
         --out=runs/opt_tiny_w8a8 --quantize=W8A8
-    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \
+    python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \\
         --out=runs/opt_tiny_int8 --quantize=W8A8 --int8
 
 Writes config.json, model.safetensors and the tokenizer of the newest intact checkpoint (or

@@ -27,9 +27,7 @@ def main(argv):
     from qtx.train.experiment import default_workdir
     from qtx.train.loop import train
 
-    workdir = _WORKDIR.value or default_workdir(cli.config_path())
-    print(f"workdir: {workdir}", flush=True)
-    train(_CONFIG.value, workdir)
+    train(_CONFIG.value, _WORKDIR.value or default_workdir(cli.config_path()))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ and ../shared/data, or ``--local_dir``)::
     python bench/os_sst2.py --bits 6-6-6 --methods minmax,outlier_suppression
 
 1. Fine-tunes the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384, FFN outliers with kurtosis in
-   the thousands) on SST-2 in full precision with ``configs/bert_glue_os.py:tiny`` (``--steps``
+   the thousands) on SST-2 in full precision with ``configs/bert_glue_os.py:minilm`` (``--steps``
    x batch 32, lr 1e-4). The checkpoint in ``--workdir`` is reused when it is there.
 2. Runs ``eval.py``'s PTQ of that config (``qtx.evaluate.runner.evaluate``) with the
    FasterTransformer placement (``os_fastertransformer``) at W-E-A 8-8-8, 6-6-6 and 4-4-4
@@ -42,8 +42,8 @@ BITS = {"8-8-8": "W8A8E8", "6-6-6": "W6A6E6", "4-4-4": "W4A4E4"}
 
 
 def config(args):
-    """``configs/bert_glue_os.py:tiny`` with the command line's steps, cells and methods."""
-    c = configs.bert_glue_os("tiny")
+    """``configs/bert_glue_os.py:minilm`` with the command line's steps, cells and methods."""
+    c = configs.bert_glue_os("minilm")
     if args.local_dir:
         c.data.local_dir = args.local_dir
     c.optim.update(warmup_steps=max(args.steps // 10, 1))

@@ -3,7 +3,7 @@
 Full runs (``arg`` = the GLUE task: sst2, mnli, qnli, qqp, mrpc, rte, cola, stsb), starting
 from a local Hugging Face BERT directory or a qtx MLM workdir:
 
-    python train.py --config=configs/bert_base_glue.py:sst2 \
+    python train.py --config=configs/bert_base_glue.py:sst2 \\
         --config.init_from=/ckpt/bert-base-uncased --workdir=runs/glue_sst2
     python eval.py  --config=configs/bert_base_glue.py:sst2 --workdir=runs/glue_sst2
 

@@ -176,19 +176,16 @@ def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
         log_every=200,
         eval_every=50_000,
         checkpoint_every=10_000,
-        max_eval_batches=2000,
     )
-    c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32, max_batches=2000)
+    c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32)
     if arg == "tiny":
         c.model.update(name="bert-tiny", dtype="float32")
         c.data.update(
             name="wikitext2_embedded", tokenizer="qtx:wordpiece", batch_size=16, max_eval_batches=20
         )
         c.optim.update(lr=1e-3, warmup_steps=20)
-        c.train.update(
-            steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
-        )
-        c.eval.update(calib_batches=4, calib_batch_size=16, max_batches=20)
+        c.train.update(steps=200, log_every=20, eval_every=0, checkpoint_every=100)
+        c.eval.update(calib_batches=4, calib_batch_size=16)
     return overridable(c)
 
 
@@ -239,14 +236,12 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
         log_every=100,
         eval_every=10_000,
         checkpoint_every=5000,
-        max_eval_batches=500,
     )
     c.eval.update(
         setups=("W8A8",),
         options={"weight_estimator": "mse"},
         calib_batches=4,
         calib_batch_size=8,
-        max_batches=500,
     )
     if size == "opt-350m":
         c.data.batch_size = 264
@@ -270,10 +265,8 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
             max_eval_batches=20,
         )
         c.optim.update(lr=1e-3, warmup_steps=20, grad_accum=1)
-        c.train.update(
-            steps=200, log_every=20, eval_every=0, checkpoint_every=100, max_eval_batches=20
-        )
-        c.eval.update(calib_batches=4, calib_batch_size=8, max_batches=20)
+        c.train.update(steps=200, log_every=20, eval_every=0, checkpoint_every=100)
+        c.eval.update(calib_batches=4, calib_batch_size=8)
         c.model.remat = False
         c.mesh.update(data=-1, fsdp=1)
     return overridable(c)
@@ -338,10 +331,8 @@ def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collec
             repeated_aug=1,
         )
         c.optim.update(lr=1e-3, warmup_steps=100)
-        c.train.update(
-            steps=1200, log_every=100, eval_every=0, checkpoint_every=600, max_eval_batches=10
-        )
-        c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=10)
+        c.train.update(steps=1200, log_every=100, eval_every=0, checkpoint_every=600)
+        c.eval.update(calib_batches=4, calib_batch_size=32)
     return overridable(c)
 
 
@@ -396,10 +387,8 @@ def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
             max_eval_batches=None,
         )
         c.optim.update(lr=5e-5, warmup_steps=10)
-        c.train.update(
-            steps=120, log_every=20, eval_every=0, checkpoint_every=120, max_eval_batches=None
-        )
-        c.eval.update(calib_batches=4, calib_batch_size=32, max_batches=None)
+        c.train.update(steps=120, log_every=20, eval_every=0, checkpoint_every=120)
+        c.eval.update(calib_batches=4, calib_batch_size=32)
         c.init_from = minilm_dir()
     return overridable(c)
 
@@ -417,13 +406,24 @@ def bert_glue_os(arg: str | None) -> ml_collections.ConfigDict:
     calibration samples."""
     from qtx.methods.outlier_suppression import PTQ_METHODS
 
-    c = bert_glue(arg)
+    if arg not in (None, "tiny", "minilm", *GLUE_TASKS):
+        raise UserError(
+            f"config arg {arg!r} is invalid; allowed: tiny, minilm, {', '.join(GLUE_TASKS)}."
+        )
+    c = bert_glue("tiny" if arg == "minilm" else arg)
     c.eval.update(setups=OS_SETUPS, ptq_methods=PTQ_METHODS, calib_batches=8, calib_batch_size=32)
-    if arg == "tiny":  # long enough for MiniLM to pass 87 % on SST-2 dev (600 steps: 86.7 %)
+    if arg == "minilm":  # long enough for MiniLM to pass 87 % on SST-2 dev (600 steps: 86.7 %)
         c.data.update(batch_size=32)
         c.optim.update(lr=1e-4, warmup_steps=100)
         c.train.update(steps=1000, log_every=50, checkpoint_every=1000)
         c.eval.update(figures=False)
+    elif arg == "tiny":  # minutes: bert_base_glue's fine-tuning, the 6-bit row, small searches
+        c.eval.update(
+            setups=("os_fastertransformer:W6A6E6",),
+            calib_batches=4,
+            ptq_options={"num_alphas": 10, "fine_epochs": 1},
+            figures=False,
+        )
     return c
 
 

@@ -63,8 +63,7 @@ def qv_qat(c: ml_collections.ConfigDict, bits: str, tiny: bool, fp_workdir: str)
     if tiny:
         c.init_from = fp_workdir
         c.data.update(crop_scale=(0.5, 1.0), holdout=3000, max_eval_batches=None)
-        c.train.update(steps=600, checkpoint_every=300, max_eval_batches=None)
-        c.eval.update(max_batches=None)  # eval.py on all 3000 held-out images, as training
+        c.train.update(steps=600, checkpoint_every=300)  # eval on all 3000 held-out images
     else:
         epoch = IMAGENET // 1024
         c.data.update(batch_size=1024)
@@ -114,8 +113,6 @@ def swin_qv(size: str, arg: str | None) -> ml_collections.ConfigDict:
     if bits == "FP":
         if tiny:
             c.data.update(holdout=3000, max_eval_batches=None)
-            c.train.update(max_eval_batches=None)
-            c.eval.update(max_batches=None)
         return overridable(c)
     c.model.drop_path = 0.0 if tiny else 0.1
     c.optim.update(clip_norm=0.0)

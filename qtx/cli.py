@@ -10,6 +10,8 @@ environment variable ``QTX_TRACEBACK=1``) shows the traceback as well. Programmi
 
 from __future__ import annotations
 
+import difflib
+import glob
 import os
 import re
 import sys
@@ -109,11 +111,34 @@ def _unknown_field(path: str) -> bool:
     return False
 
 
+def _config_file_error(argv: list[str]) -> UserError | None:
+    """The one line for a ``--config`` file that does not exist or does not load
+    (ml_collections keeps that error until the config is first read)."""
+    path = _config_arg(argv)
+    if not path:
+        return None
+    file = path.partition(":")[0]
+    if not os.path.isfile(file):
+        known = sorted(glob.glob(os.path.join(os.path.dirname(file) or ".", "*.py")))
+        near = difflib.get_close_matches(file, known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        return UserError(
+            f"--config={path}: no such file{hint}; allowed: a config file, e.g. "
+            "configs/opt125m_gated.py:tiny (ls configs/)."
+        )
+    value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if type(value).__name__ != "_ErrorConfig":
+        return None
+    err = getattr(value, "_error", None)
+    last = str(err).strip().splitlines()[-1].strip() if err is not None else ""
+    return UserError(f"--config={path} does not load: {last}")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
-        user = _user_error_in(e)
+        user = _config_file_error(argv) or _user_error_in(e)
         report(user if user is not None else e, USER_ERROR_STATUS, argv, cause=e)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no known field
         unknown = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
@@ -129,11 +154,75 @@ def _parse_flags(argv: list[str]) -> list[str]:
             argv,
             cause=e,
         )
+    except Exception as e:  # the config file fails to import or to build its config
+        user = _config_file_error(argv) or _config_import_error(e, argv)
+        if user is None:
+            raise
+        report(user, USER_ERROR_STATUS, argv, cause=e)
+    else:
+        user = _config_file_error(argv)
+        if user is not None:
+            report(user, USER_ERROR_STATUS, argv)
+        return rest
     return []  # not reached
 
 
+def _config_arg(argv: list[str]) -> str | None:
+    """The ``--config`` value as written in ``argv``."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _config_import_error(err: BaseException, argv: list[str]) -> UserError | None:
+    """One line for an exception raised by the ``--config`` file's own code (a syntax error,
+    a missing import), naming the file and line; None when the error is not from it."""
+    path = _config_arg(argv)
+    if not path:
+        return None
+    file = os.path.abspath(path.partition(":")[0])
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == file]
+    if isinstance(err, SyntaxError) and err.filename and os.path.abspath(err.filename) == file:
+        where = f"{err.filename}:{err.lineno}"
+        text = err.msg
+    elif frames:
+        where, text = f"{frames[-1].filename}:{frames[-1].lineno}", str(err)
+    else:
+        return None
+    return UserError(
+        f"--config={path} does not load ({where}): {type(err).__name__}: {text}; allowed: a "
+        "config file whose get_config(arg) runs (--verbosity=1 shows the traceback)."
+    )
+
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def print_help() -> None:
+    """The program's docstring as written, its flags, and what every program takes."""
+    doc = (sys.modules["__main__"].__doc__ or "").strip("\n")
+    own = flags.FLAGS.main_module_help().strip()
+    print(
+        f"{doc}\n\n{own}\n\n"
+        "  --config.<field>=<value>: overrides a field of the config (any depth), e.g.\n"
+        "    --config.train.steps=50 --config.optim.lr=3e-4; tuples and dicts take Python\n"
+        "    literals: --config.eval.setups=\"('W8A8', 'W6A6')\". The config file's docstring\n"
+        "    lists its fields' meaning and its :arg values.\n"
+        "  --verbosity=1 (or QTX_TRACEBACK=1): show tracebacks and logs with errors.\n"
+        "  --helpfull: every flag, including those of the libraries.",
+        flush=True,
+    )
+
+
 def run(main: Callable[[list[str]], object], program: str) -> None:
-    """``absl.app.run(main)`` with one-line user errors (see the module docstring)."""
+    """``absl.app.run(main)`` with one-line user errors (see the module docstring); ``--help``
+    prints :func:`print_help` and exits with status 0."""
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        print_help()
+        sys.exit(0)
 
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:

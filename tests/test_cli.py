@@ -21,7 +21,7 @@ CONFIGS = sorted(
 )
 ARGS = {
     "bert_base_glue": (None, "tiny", "mnli"),
-    "bert_glue_os": (None, "tiny", "cola"),
+    "bert_glue_os": (None, "tiny", "minilm", "cola"),
     "bert_glue_os_qat": (None, "tiny", "stsb"),
     "deit_t": (None, "W2A2", "W3A3,tiny"),
     "deit_s": ("W4A4,tiny",),

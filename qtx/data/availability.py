@@ -3,16 +3,15 @@
 :func:`missing_resources` returns one line per missing thing (a tokenizer that is neither
 embedded, local, cached nor downloadable; a TFDS dataset that is not prepared; local files
 that are absent; a ``text_files`` glob that matches nothing), each saying what is missing and
-how to get it once with network access. Nothing is downloaded here.
+how to get it once with network access. Nothing is downloaded here. When nothing is missing,
+given text files are checked to be text that holds a document (a one-line UserError if not).
 """
 
 from __future__ import annotations
 
-import glob
-import os
-
 from qtx.data import tfds_sources
 from qtx.data.config import DataSpec, require_local_path
+from qtx.data.text_sources import TFDS_TEXT, check_text_files, text_file_paths
 from qtx.data.tokenizers import tokenizer_missing
 from qtx.errors import UserError
 
@@ -24,7 +23,6 @@ LOCAL_FILES = {  # source: a file it needs under config.data.local_dir
 
 def tfds_name_of(source: str) -> str | None:
     """The TFDS dataset behind a ``config.data.name`` source, or None for local sources."""
-    from qtx.data.text_sources import TFDS_TEXT
     from qtx.data.vision import INFO
 
     if source in TFDS_TEXT:
@@ -36,7 +34,8 @@ def tfds_name_of(source: str) -> str | None:
 
 
 def missing_resources(spec: DataSpec) -> list[str]:
-    """One sentence per resource of ``spec`` that this machine lacks (empty: all there)."""
+    """One sentence per resource of ``spec`` that this machine lacks (empty: all there).
+    Raises a UserError for given text files that are not text or hold no document."""
     lines = []
     if spec.tokenizer:
         why = tokenizer_missing(spec.tokenizer)
@@ -54,10 +53,10 @@ def missing_resources(spec: DataSpec) -> list[str]:
             except UserError as e:
                 lines.append(str(e))
         elif source == "text_files":
-            paths = [p for g in spec.text_files for p in glob.glob(os.path.expanduser(g))]
-            if not paths:
-                lines.append(
-                    f"config.data.text_files={list(spec.text_files)!r} matches no files; give "
-                    "a glob of plain-text files on this machine."
-                )
+            try:
+                text_file_paths(spec)
+            except UserError as e:
+                lines.append(str(e))
+    if not lines and "text_files" in spec.sources:
+        check_text_files(spec)
     return lines

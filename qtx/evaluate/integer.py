@@ -129,6 +129,20 @@ def _model_from_dict(d: dict) -> ModelConfig:
     return model_config_from_dict(d, ModelConfig())
 
 
+def process_umask() -> int:
+    """The process umask, read from /proc where it can be (changing it is not thread safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(
     out: str,
     cfg: ModelConfig,
@@ -145,7 +159,9 @@ def save(
         "/".join(k): np.array(v, order="C")
         for k, v in flatten_dict(jax.device_get(int_vars)).items()
     }
-    save_file(tensors, os.path.join(out, WEIGHTS_FILE), metadata={"format": FORMAT})
+    weights_path = os.path.join(out, WEIGHTS_FILE)
+    save_file(tensors, weights_path, metadata={"format": FORMAT})
+    os.chmod(weights_path, 0o666 & ~process_umask())  # save_file creates it 0600
     meta = {
         "format": FORMAT,
         "version": VERSION,

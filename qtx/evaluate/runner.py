@@ -35,6 +35,7 @@ from qtx.evaluate.ptq import evaluate_setup
 from qtx.models import build, dummy_inputs
 from qtx.nn import ATTENTION
 from qtx.train.checkpoint import Checkpointer
+from qtx.train.experiment import check_workdir
 from qtx.train.loop import needs_calibration, prepare, say
 from qtx.train.losses import model_inputs
 from qtx.train.mesh import (
@@ -89,6 +90,7 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
 
 def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     exp, mesh, pipe = prepare(config)
+    check_workdir(workdir)  # eval.json and the figures go there
     ev, task = exp.eval, exp.task
     cfg = exp.model.replace(dtype=ev["dtype"]) if ev["dtype"] else exp.model
     step, params, extra = load_variables(exp, workdir, hf_checkpoint, mesh)
@@ -119,19 +121,26 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         f"avg kurtosis {out['avg_kurtosis']:.4g}"
     )
 
-    def integer(cell_cfg, plan, variables):
+    def integer(name, cell_cfg, plan, variables):
+        """The cell's integer model (eval.integer), printed under the cell's own line."""
         if not ev["integer"]:
             return {}
         batches = pipe.eval_batches(ev["max_batches"])
         r = evaluate_integer(cell_cfg, plan, variables, run, batches, to_dev, metric)
-        say(f"  integer model: {metric} {r[metric]:.4g}, max logit diff {r['max_logit_diff']:.3g}")
+        say(
+            f"{name} int8: {metric} {r[metric]:.4g}, max logit diff to fake quant "
+            f"{r['max_logit_diff']:.3g}"
+        )
         return {"integer": r}
 
     if needs_calibration(exp.plan) and extra:
         trained = build(cfg, exp.plan.with_mode("quantize"))
         r = run(trained, {"params": params, **extra})
         results["quantized"]["trained"] = {metric: r[metric], **scores(r), "loss": r["loss"]}
-        results["quantized"]["trained"].update(integer(cfg, exp.plan, {"params": params, **extra}))
+        say(f"trained: {metric} {r[metric]:.4g} (the run's own quantizers)")
+        results["quantized"]["trained"].update(
+            integer("trained", cfg, exp.plan, {"params": params, **extra})
+        )
     calib = [
         to_dev(b) for b in pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
     ]
@@ -165,27 +174,30 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
                 "unmatched": report.unmatched_points,
                 "unused_rules": report.unused_rules,
             },
-            **integer(*kept[0]),
         }
         say(
             f"{name}: {metric} {r[metric]:.4g} ({len(report.quantized)} of "
             f"{len(report.matched)} points quantized, calibration {seconds:.1f} s)"
         )
+        results["quantized"][name].update(integer(name, *kept[0]))
 
     if ev["variation"]:
-        results["variation"] = variation_analysis(cfg, host_params, calib, run, extra, ev, workdir)
+        results["variation"] = variation_analysis(
+            cfg, host_params, calib, run, extra, ev, workdir, step
+        )
     if ev["figures"]:  # every process joins the attention pass; process 0 draws
-        results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, to_dev)
+        results["figures"] = draw_figures(fp_model, params, pipe, out, workdir, cfg, to_dev, step)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)
-        print(format_table(results, metric), flush=True)
+        print(format_table(results, metric, workdir, hf_checkpoint), flush=True)
     return results
 
 
-def variation_analysis(cfg, params, calib, run, extra, ev, workdir) -> dict:
-    """Quantization Variation's analysis -> ``variation.json`` and ``variation.png``."""
+def variation_analysis(cfg, params, calib, run, extra, ev, workdir, step=None) -> dict:
+    """Quantization Variation's analysis -> ``variation.json`` and ``variation.png`` (titled
+    with the run of ``workdir`` and ``step``)."""
     from qtx.methods.quant_variation import analysis
     from qtx.methods.quant_variation.oscillation import COLLECTION
 
@@ -206,19 +218,23 @@ def variation_analysis(cfg, params, calib, run, extra, ev, workdir) -> dict:
         os.makedirs(workdir, exist_ok=True)
         with open(paths["json"], "w") as f:
             json.dump(result, f, indent=1)
-        analysis.plot(result, paths["png"], f"{cfg.family}: quantization variation")
+        what = f"quantization variation at {result['bits']} bits"
+        analysis.plot(result, paths["png"], figures.run_title(what, workdir, step, cfg.family))
     modules = [(v, f"{b}/{m}") for b, row in result["modules"].items() for m, v in row.items()]
     return {**paths, "most_sensitive": [name for _, name in sorted(modules, reverse=True)[:5]]}
 
 
-def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, to_dev) -> list[str]:
+def draw_figures(
+    model, params, pipe, outlier_summary, workdir, cfg, to_dev, step=None
+) -> list[str]:
     """``outliers.png`` and ``attention_mass.png`` (first eval batch; not for Swin, which has
-    no class or special token) in ``workdir``."""
+    no class or special token) in ``workdir``, titled with its run and ``step``."""
     paths = [os.path.join(workdir, "outliers.png")]
+    run = {"workdir": workdir, "step": step, "family": cfg.family}
     if cfg.family == "swin":
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
-            figures.plot_outliers(outlier_summary["per_layer"], paths[0], "swin: outliers")
+            figures.plot_outliers(outlier_summary["per_layer"], paths[0], **run)
         return paths
     paths.append(os.path.join(workdir, "attention_mass.png"))
     dev = to_dev(next(iter(pipe.eval_batches(1))))
@@ -228,13 +244,40 @@ def draw_figures(model, params, pipe, outlier_summary, workdir, cfg, to_dev) -> 
     probs, batch = fetch(coll[ATTENTION]), fetch(dev)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        figures.plot_outliers(outlier_summary["per_layer"], paths[0], f"{cfg.family}: outliers")
+        figures.plot_outliers(outlier_summary["per_layer"], paths[0], **run)
         mass = figures.attention_mass(probs, batch, pipe.special_token_ids, cfg.family)
-        figures.plot_attention_mass(mass, paths[1], f"{cfg.family}: attention on special tokens")
+        figures.plot_attention_mass(mass, paths[1], "attention on special tokens", **run)
     return paths
 
 
-def format_table(results: dict, metric: str) -> str:
+def written_files(results: dict) -> list[str]:
+    """The names of the files :func:`evaluate` writes with ``results``: ``eval.json``, then
+    the figures and the variation analysis where ``results`` has them."""
+    variation = results.get("variation") or {}
+    paths = [
+        *results.get("figures", ()),
+        *(variation[k] for k in ("json", "png") if k in variation),
+    ]
+    return ["eval.json", *(os.path.basename(p) for p in paths)]
+
+
+def table_header(results: dict, workdir: str | None = None, hf_checkpoint: str | None = None):
+    """Which checkpoint was evaluated and which files were written where."""
+    names = ", ".join(written_files(results))
+    if hf_checkpoint:
+        there = f" ({names} written to {workdir})" if workdir else ""
+        return f"eval of Hugging Face checkpoint {hf_checkpoint}{there}"
+    if workdir is None:
+        return f"eval at step {results['step']}"
+    return f"eval of {workdir} at step {results['step']} ({names} written there)"
+
+
+def format_table(
+    results: dict, metric: str, workdir: str | None = None, hf_checkpoint: str | None = None
+) -> str:
+    """``evaluate``'s ``results`` as a header line (see :func:`table_header`) and a table: FP,
+    then every quantized entry, each directly followed by its integer model's row."""
+
     def fmt(x):
         return f"{x:.4g}" if isinstance(x, float) and math.isfinite(x) else str(x)
 
@@ -249,6 +292,6 @@ def format_table(results: dict, metric: str) -> str:
         if "integer" in v:
             rows.append((f"{k} int8", fmt(v["integer"][metric]), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"step {results['step']}\n" + "\n".join(lines)
+    return "\n".join([table_header(results, workdir, hf_checkpoint), *lines])

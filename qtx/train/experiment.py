@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from qtx.evaluate.outliers import track_patterns
 from qtx.models import ModelConfig, model_config
 from qtx.models.config import DTYPES
 from qtx.quant import QuantPlan, plan_from_config, setup_rules
+from qtx.quant.presets import PRESETS
 from qtx.quant.rules import CALIBRATIONS
 from qtx.train.losses import FAMILIES_OF_TASK, HEAD_OF_TASK, TASKS
 from qtx.train.mesh import AXES
@@ -42,7 +44,7 @@ TRAIN_DEFAULTS = dict(
     eval_every=0,  # 0: evaluate only at the end
     checkpoint_every=500,
     keep_checkpoints=3,
-    max_eval_batches=None,
+    max_eval_batches=None,  # the eval during training; None: config.data.max_eval_batches
     async_checkpoint=True,
     calib_batches=4,  # QAT: batches that initialise quantizer ranges and LSQ steps
     calib_batch_size=None,  # None: the training batch size
@@ -79,7 +81,7 @@ EVAL_DEFAULTS = dict(
     ptq_methods=(),
     ptq_options={},  # token-wise clipping settings (TWCSettings fields) and 'percentiles'
     dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
-    max_batches=None,
+    max_batches=None,  # eval.py's batches; None: config.data.max_eval_batches
     figures=True,
     # also convert every quantized setup to its integer model (int8 matmuls, see
     # qtx.quant.integer) and report its metric, the largest logit difference to fake quant
@@ -126,6 +128,7 @@ class Experiment:
     mesh: dict
     init_from: str
     raw: dict
+    warnings: tuple[str, ...] = ()  # settings accepted that have no effect in this run
 
     @property
     def family(self) -> str:
@@ -182,6 +185,12 @@ def load(config) -> Experiment:
     quant = dict(raw.get("quant") or {})
     plan = plan_from_config(quant)
     plan = plan.with_track(track_patterns(model.family))
+    if plan.mode != "off" and not plan.rules:
+        raise UserError(
+            f"config.quant.mode={plan.mode!r} has nothing to quantize: config.quant has no "
+            f"preset and no rules; allowed: a preset ({', '.join(sorted(PRESETS))}) or rules "
+            "with it, or mode 'off'."
+        )
     data = dict(raw.get("data") or {})
     resolve_spec(data, task)  # validates config.data without loading anything
     optim = optim_settings(raw.get("optim"))
@@ -255,10 +264,34 @@ def load(config) -> Experiment:
             f"config.eval.variation_bits={vb!r} is invalid; allowed: an integer in 2..8."
         )
     _check_ptq(exp)
+    exp.warnings = _quant_warnings(quant, plan, ev)
     bad_mesh = sorted(set(exp.mesh) - set(AXES))
     if bad_mesh:
         raise UserError(f"config.mesh has unknown field(s) {bad_mesh}; allowed: {list(AXES)}.")
     return exp
+
+
+def _quant_warnings(quant: dict, plan: QuantPlan, ev: dict) -> tuple[str, ...]:
+    """A line when ``config.quant`` sets a preset, bits or options that neither training nor
+    eval.py uses (quantization off: training stays full precision and eval.py evaluates
+    ``config.eval.setups``)."""
+    active = plan.mode != "off" or any(
+        r.spec is not None and r.spec.mode not in (None, "off") for r in plan.rules
+    )
+    unset = (None, "", "none", {})
+    unused = [f for f in ("preset", "bits", "options") if quant.get(f) not in unset]
+    if active or not unused:
+        return ()
+    given = ", ".join(f"config.quant.{f}={quant[f]!r}" for f in unused)
+    bits = quant.get("bits") or "W4A4"
+    return (
+        f"{given} {'has' if len(unused) == 1 else 'have'} no effect: config.quant.mode is "
+        f"'off' (training stays full precision) and eval.py evaluates config.eval.setups="
+        f"{tuple(ev['setups'])!r}; to use {'it' if len(unused) == 1 else 'them'}: "
+        "--config.quant.mode=learn with a preset "
+        f"(quantization-aware training), or --config.eval.setups=\"('{bits}',)\" (post-"
+        "training quantization at eval).",
+    )
 
 
 def _number(train: dict, field: str, ok, allowed: str) -> None:
@@ -323,6 +356,27 @@ def _check_ptq(exp: Experiment) -> None:
                 "config.model.gamma_migrated=True cannot be migrated again by a PTQ method; "
                 "allowed: gamma_migrated=False with the gamma-migration methods."
             )
+
+
+def check_workdir(workdir: str) -> None:
+    """One line when ``workdir`` cannot hold a run: it is a file, or lies where this process
+    cannot create directories. Leaves nothing behind (the probe directory is removed)."""
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(
+            f"--workdir={workdir} cannot be created: {existing} is a file; allowed: a "
+            "directory path (new, or a run's) whose existing part is directories."
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qtx-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(
+            f"--workdir={workdir} cannot be written ({e.strerror} in {existing}); allowed: a "
+            "directory this user can create and write."
+        ) from e
 
 
 def default_workdir(config_path: str) -> str:

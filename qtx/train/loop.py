@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from qtx.data import make_pipeline
 from qtx.data.availability import missing_resources
 from qtx.data.config import resolve_spec
 from qtx.errors import MissingResources, UserError
-from qtx.evaluate.metrics import glue_task_of, run_eval
+from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval
 from qtx.methods import quant_variation
 from qtx.models import build, dummy_inputs
 from qtx.models.config import IMAGE_FAMILIES
@@ -98,6 +99,9 @@ def prepare(config, devices=None):
     if missing:
         raise MissingResources(missing)
     distributed.join(float(exp.train["distributed_timeout_s"]))
+    if jax.process_index() == 0:
+        for line in exp.warnings:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     mesh = make_mesh(exp.mesh, devices)
     for field, rows in (
         ("data.batch_size", spec.batch_size),
@@ -125,6 +129,7 @@ def train(config, workdir: str, devices=None) -> dict:
     ``devices`` restricts the mesh to a subset of ``jax.devices()`` (tests use one device).
     """
     exp, mesh, pipe = prepare(config, devices)
+    experiment_lib.check_workdir(workdir)
     cfg, plan, tr = exp.model, exp.plan, exp.train
     if cfg.family not in IMAGE_FAMILIES and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
         raise UserError(
@@ -256,6 +261,7 @@ def train(config, workdir: str, devices=None) -> dict:
     )
     eval_model = build(cfg, plan.with_mode("quantize") if needs_calibration(plan) else plan)
     p_eval = jax.jit(make_eval_step(eval_model, cfg.family, exp.task, collections=()))
+    say(f"workdir: {workdir}")  # from here on the run writes there
     writer = MetricWriter(workdir, steps, start, bool(tr["tensorboard"]))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -334,4 +340,22 @@ def train(config, workdir: str, devices=None) -> dict:
     finally:  # also on NaN/Inf or an interrupt: the saves under way reach the disk
         ckpt.close()
         writer.close()
+    say(summary_line(exp, last, steps, start, ckpt, writer.path))
     return last
+
+
+def summary_line(exp, last: dict, steps: int, start: int, ckpt: Checkpointer, metrics: str):
+    """The line a finished run ends with: final train loss, eval metric, checkpoint, files."""
+    if steps <= start:
+        head = f"nothing to train: the run is at step {start} of {steps}"
+    else:
+        parts = [f"trained to step {steps}"]
+        if "train" in last:
+            parts.append(f"train loss {last['train']['loss']:.4g}")
+        metric = headline_metric(exp.task, glue_task_of(exp))
+        if metric in last.get("eval", {}):
+            parts.append(f"eval {metric} {last['eval'][metric]:.4g}")
+        head = ", ".join(parts)
+    newest = ckpt.latest_step()
+    where = f"checkpoint {ckpt.directory}/{newest}" if newest is not None else "no checkpoint"
+    return f"done: {head}; {where}; metrics {metrics}."
