@@ -32,9 +32,12 @@ def fp_run(tmp_path_factory):
     return config, workdir
 
 
-def test_eval_convert_and_evaluate_the_int8_directory(fp_run, tmp_path):
+def test_eval_convert_and_evaluate_the_int8_directory(fp_run, tmp_path, capsys):
     config, workdir = fp_run
     results = evaluate(config, str(workdir))
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("W8A8: perplexity"))
+    assert lines[at + 1].startswith("W8A8 int8: perplexity")  # under its own setup's line
     w8a8 = results["quantized"]["W8A8"]
     got = w8a8["integer"]
     assert got["integer_matmuls"] == 8 and got["float_matmuls"] == {}
