@@ -1,6 +1,6 @@
 """BERT-base MLM pretraining with gated attention (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/bert_base_gated.py --workdir=runs/bert_base_gated
     python eval.py --config=configs/bert_base_gated.py --workdir=runs/bert_base_gated

@@ -1,4 +1,4 @@
-"""Binary BERT on GLUE (Quantization Variation's binary mode, REFERENCE.md §3).
+"""Binary BERT on GLUE (Quantization Variation's binary mode, docs/methods.md §3).
 
 Every encoder weight ``sign(W) mean|W|`` and every matmul input ``sign(x) mean|x|`` (preset
 ``binary``; attention probabilities, embeddings and the classifier stay at 8 bits), trained

@@ -18,7 +18,7 @@ from qtx.nn import AttentionConfig
 from qtx.train.experiment import EVAL_DEFAULTS, TRAIN_DEFAULTS
 from qtx.train.optim import DEFAULTS as OPTIM_DEFAULTS
 
-# Quantizable Transformers' attention variants per family (REFERENCE.md §1 and the reference
+# Quantizable Transformers' attention variants per family (docs/methods.md §1 and the reference
 # scripts): only the per-head linear gate sets pi_init (its bias logit(pi_init)); the MLP and
 # all-heads gates keep PyTorch's default Linear init.
 ATTENTION = {

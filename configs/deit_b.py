@@ -1,6 +1,6 @@
 """Quantization Variation: QAT of DeiT-B at W4A4 / W3A3 / W2A2 on ImageNet-1K.
 
-Full recipe (GPUs; REFERENCE.md §3), from the FP DeiT-B checkpoint (a local Hugging Face
+Full recipe (GPUs; docs/methods.md §3), from the FP DeiT-B checkpoint (a local Hugging Face
 directory such as a download of facebook/deit-base-patch16-224, or a qtx workdir)::
 
     python train.py --config=configs/deit_b.py:W2A2 --workdir=runs/deit_b_w2a2 \\

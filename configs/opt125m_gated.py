@@ -1,6 +1,6 @@
 """OPT-125m causal-LM pretraining with gated attention (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/opt125m_gated.py --workdir=runs/opt125m_gated
     python eval.py --config=configs/opt125m_gated.py --workdir=runs/opt125m_gated

@@ -1,6 +1,6 @@
 """OPT-125m causal-LM pretraining with vanilla softmax (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/opt125m_vanilla.py --workdir=runs/opt125m_vanilla
     python eval.py --config=configs/opt125m_vanilla.py --workdir=runs/opt125m_vanilla

@@ -1,6 +1,6 @@
 """OPT-1.3B causal-LM pretraining with gated attention (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/opt1_3b_gated.py --workdir=runs/opt1_3b_gated
     python eval.py --config=configs/opt1_3b_gated.py --workdir=runs/opt1_3b_gated

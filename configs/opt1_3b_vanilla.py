@@ -1,6 +1,6 @@
 """OPT-1.3B causal-LM pretraining with vanilla softmax (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/opt1_3b_vanilla.py --workdir=runs/opt1_3b_vanilla
     python eval.py --config=configs/opt1_3b_vanilla.py --workdir=runs/opt1_3b_vanilla

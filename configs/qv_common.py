@@ -1,4 +1,4 @@
-"""Quantization Variation's recipes (REFERENCE.md §3): DeiT and Swin QAT at W4A4 / W3A3 / W2A2,
+"""Quantization Variation's recipes (docs/methods.md §3): DeiT and Swin QAT at W4A4 / W3A3 / W2A2,
 Swin's full-precision run they start from, and binary BERT on GLUE.
 
 Each ``arg`` is ``<bits>[,tiny]``; ``tiny`` runs offline on a 2-core CPU (MNIST or SST-2 from

@@ -1,6 +1,6 @@
 """Quantization Variation on Swin-T: the FP run and QAT at W4A4 / W3A3 / W2A2 on ImageNet-1K.
 
-Full recipe (GPUs; REFERENCE.md §3), from the FP Swin-T checkpoint (a local Hugging Face
+Full recipe (GPUs; docs/methods.md §3), from the FP Swin-T checkpoint (a local Hugging Face
 directory such as a download of microsoft/swin-tiny-patch4-window7-224, or a qtx workdir)::
 
     python train.py --config=configs/swin_t.py:W2A2 --workdir=runs/swin_t_w2a2 \\

@@ -1,6 +1,6 @@
 """ViT-S/16 ImageNet-1K training with gated attention (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/vit_s16_gated.py --workdir=runs/vit_s16_gated
     python eval.py --config=configs/vit_s16_gated.py --workdir=runs/vit_s16_gated

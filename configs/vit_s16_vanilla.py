@@ -1,6 +1,6 @@
 """ViT-S/16 ImageNet-1K training with vanilla softmax (Quantizable Transformers).
 
-Full recipe (GPUs; REFERENCE.md §1):
+Full recipe (GPUs; docs/methods.md §1):
 
     python train.py --config=configs/vit_s16_vanilla.py --workdir=runs/vit_s16_vanilla
     python eval.py --config=configs/vit_s16_vanilla.py --workdir=runs/vit_s16_vanilla

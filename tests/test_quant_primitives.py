@@ -16,7 +16,7 @@ from qtx.quant.ranges import fake_quant_range
 
 
 def np_fake_quant(x, lo, hi, bits, scheme):
-    """Definition of the three uniform schemes (REFERENCE.md §1-3)."""
+    """Definition of the three uniform schemes (docs/methods.md §0)."""
     if scheme == "symmetric":
         qp = 2 ** (bits - 1) - 1
         s = max(abs(lo), abs(hi)) / qp

@@ -63,7 +63,7 @@ def run_step(step_fn, params, extra, batch, step=0):
 
 
 def np_obr_grads(w, alpha, qn, qp):
-    """dL_OBR/dw and dL_OBR/dalpha from the formula (REFERENCE.md §3c), float64.
+    """dL_OBR/dw and dL_OBR/dalpha from the formula (docs/methods.md §3 (c)), float64.
 
     ``v = clip(w / alpha, Qn, Qp)``, ``w_tilde = v alpha``, ``w_hat = round(v) alpha`` (no
     gradient); ``L = mean (w_hat - w_tilde)^2 + sum_k Var_unbiased(w_tilde in bin k)``, so

@@ -31,7 +31,7 @@ TRACKED = {
 }
 TRACKED["roberta"] = TRACKED["bert"]
 TRACKED["swin"] = TRACKED["vit"]
-# The tensor the papers' headline inf norm most likely refers to (REFERENCE.md §1).
+# The tensor the papers' headline inf norm most likely refers to (docs/methods.md §1).
 HEADLINE = {
     "bert": r"ffn/out$",
     "roberta": r"ffn/out$",

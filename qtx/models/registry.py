@@ -1,7 +1,7 @@
 """Models chosen by name: size presets, the family -> module map and dummy inputs.
 
 ``model_config("opt-125m", attention={"gate": "linear"})`` gives a :class:`ModelConfig`;
-``build(cfg, plan)`` the Flax module. Sizes follow the papers (REFERENCE.md §1, §3) and the
+``build(cfg, plan)`` the Flax module. Sizes follow the papers (docs/methods.md §1, §3) and the
 public checkpoints; ``*-tiny`` sizes are for tests and CPU runs.
 """
 

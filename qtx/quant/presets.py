@@ -301,7 +301,7 @@ def lsq(w=4, a=4, e=None):
 
 
 def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
-    """Binary transformers (Quantization Variation's binary mode, REFERENCE.md §3): at the
+    """Binary transformers (Quantization Variation's binary mode, docs/methods.md §3): at the
     points of ``qv_lsq``, weights ``sign(W) * mean|W|`` (STE through ``clip(W, -1, 1)``) and
     matmul inputs ``sign(x) * mean|x|`` when ``w`` / ``a`` are 1 (else LSQ at that width).
 

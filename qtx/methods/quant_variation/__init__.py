@@ -1,4 +1,4 @@
-"""Quantization Variation (Huang et al., TMLR 2024; REFERENCE.md §3), on top of LSQ QAT.
+"""Quantization Variation (Huang et al., TMLR 2024; docs/methods.md §3), on top of LSQ QAT.
 
 * module-dependent LSQ: the ``qv_lsq`` preset (:mod:`qtx.quant.presets`);
 * variation-aware distillation: ``config.train.distill_loss='soft_ce'`` with

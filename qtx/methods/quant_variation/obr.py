@@ -1,4 +1,4 @@
-"""Oscillation-aware bin regularization (OBR; Quantization Variation, REFERENCE.md §3c).
+"""Oscillation-aware bin regularization (OBR; Quantization Variation, docs/methods.md §3 (c)).
 
 For a weight ``w`` with step ``alpha`` (and offset ``o``, 0 for symmetric LSQ) on the integer
 grid ``[Qn, Qp]``::

@@ -1,4 +1,4 @@
-"""Weight oscillation tracking during QAT (Quantization Variation, REFERENCE.md §3).
+"""Weight oscillation tracking during QAT (Quantization Variation, docs/methods.md §3).
 
 Per quantized weight, the integer code ``q_t = clip(round((w - offset) / step), qmin, qmax)``
 of every step is compared with the previous one. A change in the direction opposite to the
