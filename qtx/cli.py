@@ -184,7 +184,9 @@ def _config_import_error(err: BaseException, argv: list[str]) -> UserError | Non
     if not path:
         return None
     file = os.path.abspath(path.partition(":")[0])
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == file]
+    frames = [
+        f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == file
+    ]
     if isinstance(err, SyntaxError) and err.filename and os.path.abspath(err.filename) == file:
         where = f"{err.filename}:{err.lineno}"
         text = err.msg

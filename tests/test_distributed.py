@@ -86,6 +86,11 @@ def test_slurm_one_process_per_gpu():
     # --gpus-per-task=1: SLURM already shows each task only its GPU
     got = launch_from_env(slurm(16, 9, 1, "8(x2)", nodeid=1, SLURM_GPUS_PER_TASK="1"))
     assert got.local_device_ids is None
+    # a binding (--gpu-bind=single:1, map_gpu) that leaves the task one visible device
+    got = launch_from_env(slurm(16, 9, 1, "8(x2)", nodeid=1, CUDA_VISIBLE_DEVICES="5"))
+    assert got.local_device_ids is None
+    got = launch_from_env(slurm(16, 9, 1, "8(x2)", nodeid=1, CUDA_VISIBLE_DEVICES="0,1,2,3"))
+    assert got.local_device_ids == (1,)
 
 
 def test_jax_variables_override_slurm():

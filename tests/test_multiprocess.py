@@ -151,7 +151,7 @@ def test_killing_one_process_ends_the_other_with_one_line(tmp_path):
     took = time.time() - t0
     procs[1].wait()
     assert status == 3, err[-3000:]
-    assert took < 5 + 10, took  # the timeout (5 s) and a few polls
+    assert took < 5 + 20, took  # the timeout (5 s), a few polls, a loaded machine
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     m = re.fullmatch(

@@ -57,6 +57,19 @@ def test_a_config_file_that_does_not_import_is_one_line(tmp_path):
     ]
 
 
+def test_a_config_that_fails_at_runtime_by_relative_path_is_one_line(tmp_path):
+    bad = tmp_path / "runtime.py"
+    bad.write_text("def get_config(arg=None):\n    return undefined_name\n")
+    rel = os.path.relpath(bad, ROOT)
+    r, _ = run("train.py", f"--config={rel}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.splitlines() == [
+        f"error: --config={rel} does not load ({rel}:2): NameError: name 'undefined_name' is "
+        "not defined; allowed: a config file whose get_config(arg) runs (--verbosity=1 shows "
+        "the traceback)."
+    ]
+
+
 def test_help_says_how_to_override_and_exits_0():
     r, _ = run("train.py", "--help")
     assert r.returncode == 0 and r.stderr == ""
@@ -88,7 +101,10 @@ def test_check_workdir(tmp_path):
         experiment.check_workdir(str(tmp_path / "file" / "run"))
     with pytest.raises(UserError, match=r"^--workdir=/proc/x/y cannot be written"):
         experiment.check_workdir("/proc/x/y")
-    assert os.listdir(tmp_path) == ["file"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"dangling is a broken symbolic link \(to .*nowhere\)"):
+        experiment.check_workdir(str(tmp_path / "dangling"))
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]
 
 
 def test_learn_mode_without_preset_or_rules_is_one_line():
@@ -108,6 +124,11 @@ def test_an_unused_quant_override_is_named_at_the_start(capsys):
     assert err.splitlines() == [f"warning: {exp.warnings[0]}"]
     assert err.startswith("warning: config.quant.bits='W4A4' has no effect: config.quant.mode")
     assert "--config.eval.setups=\"('W4A4',)\"" in err
+    c.quant.bits = None
+    c.quant.preset = "os_fastertransformer"  # a preset alone: no bits to suggest at eval
+    (line,) = experiment.load(c).warnings
+    assert line.startswith("config.quant.preset='os_fastertransformer' has no effect")
+    assert "eval.setups=" not in line.split("; to use it: ")[1]
     c.quant.update(preset="qv_lsq", mode="learn")  # the bits are used: no warning
     assert experiment.load(c).warnings == ()
 

@@ -26,7 +26,7 @@ line; each article is one document.
 ``text_files``: every file matching the glob(s) (sorted) is read as UTF-8, gunzipped when
 its name ends in ``.gz``; documents are separated by blank lines, and one longer than
 1,000,000 characters is cut into pieces. Before any compute, :func:`check_text_files`
-refuses files whose first 64 KiB are not UTF-8 text (a NUL byte, an invalid sequence, a
+refuses files whose first 8 KiB are not UTF-8 text (a NUL byte, an invalid sequence, a
 broken gzip stream) and files that together hold no non-blank line. A
 document goes to the eval split when ``crc32(text) % 100 == 0``, otherwise to train. This
 is the way to add BookCorpus, which TFDS lacks: on a machine with network, export the
@@ -56,7 +56,7 @@ from qtx.errors import UserError
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MAX_DOC_CHARS = 1_000_000
 HOLDOUT_MOD = 100
-TEXT_CHECK_BYTES = 64 * 1024  # prefix of each text file checked to be UTF-8 text
+TEXT_CHECK_BYTES = 8 * 1024  # prefix of each text file checked to be UTF-8 text
 TEXT_FILES_ALLOWED = "UTF-8 text files (plain or .gz) with at least one non-blank line"
 READ_ERRORS = (OSError, EOFError, zlib.error)  # unreadable file or broken gzip stream
 TFDS_TEXT = {

@@ -10,12 +10,13 @@ Launches (``launch_from_env``), checked before any compute:
 - SLURM (``srun`` with ``SLURM_NTASKS`` > 1): N = ``SLURM_NTASKS``, i = ``SLURM_PROCID``, the
   coordinator is the step's first node on port ``JAX_COORDINATOR_PORT`` (default
   61440 + job id mod 4096, as JAX). One task per node drives all the GPUs it sees; several
-  tasks per node drive one GPU each (the one SLURM bound to the task with ``--gpus-per-task``,
-  else GPU number ``SLURM_LOCALID``). A ``JAX_*`` variable overrides its SLURM counterpart.
+  tasks per node drive one GPU each (the GPU SLURM bound to the task, with ``--gpus-per-task``
+  or a binding that leaves it one visible device; else GPU number ``SLURM_LOCALID``). A
+  ``JAX_*`` variable overrides its SLURM counterpart.
 
 Failures. JAX's runtime runs in its recoverable mode, so the death of a process does not
 abort the others; a watchdog thread asks the coordination service which processes are alive
-every ``timeout/10`` s, and once one has sent no heartbeat for ``timeout`` s
+every ``timeout/10`` s (0.2 to 5 s), and once one has sent no heartbeat for ``timeout`` s
 (``config.train.distributed_timeout_s``) every survivor prints one line naming it and the
 newest complete checkpoint, and exits with status 3. Losing process 0, which hosts the
 coordination service, makes JAX abort the others at once (its own fatal log line); an abort
@@ -48,11 +49,12 @@ TIMEOUT_FIELD = "config.train.distributed_timeout_s"
 PEER_LOST_STATUS = 3
 JOIN_FAILED_STATUS = 2
 _SIGNAL_KEY = "qtx/stop_signal"
-# errors of a collective whose peer went away (gloo, NCCL, the coordination service)
+_FINISHED = "qtx/finished/"  # + process id: that process reached the end of the run
+# errors of a collective whose peer went away (gloo, NCCL, the coordination service), matched
+# on the exception lines of a chain (not on source lines of its traceback)
 _TRANSPORT = re.compile(
-    r"gloo|nccl|connection (closed|reset|refused)|socket closed|unavailable|deadline "
-    r"exceeded|peer|heartbeat|coordination service|barrier",
-    re.IGNORECASE,
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED)\b|(?i:\b(gloo|nccl|connection (closed|reset|refused)"
+    r"|socket closed|heartbeat|coordination service|barrier)\b)"
 )
 
 
@@ -122,7 +124,9 @@ def _slurm(env: Mapping[str, str]) -> dict | None:
         )
     port = env.get("JAX_COORDINATOR_PORT") or str(int(env["SLURM_JOB_ID"]) % 4096 + 61440)
     local = None
-    if tasks_on_node(env) > 1 and not env.get("SLURM_GPUS_PER_TASK"):
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    bound = env.get("SLURM_GPUS_PER_TASK") or ("CUDA_VISIBLE_DEVICES" in env and len(visible) <= 1)
+    if tasks_on_node(env) > 1 and not bound:
         local = (int(env.get("SLURM_LOCALID", "0")),)  # one GPU per task, by local rank
     return {
         "coordinator": f"{first_host(nodelist)}:{port}",
@@ -191,7 +195,8 @@ def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
 class _Membership:
     launch: Launch
     timeout_s: float
-    phase: str = "joining"  # 'joining' -> 'running' -> 'finished'
+    phase: str = "joining"  # 'joining' -> 'running' -> 'finishing' -> 'finished'
+    completed: bool = False  # every process reached the end (the finish barrier passed)
     checkpoints: str | None = None  # where the failure line looks for the newest checkpoint
     newest: Callable[[str], int | None] | None = None
     watchdog: threading.Thread | None = None
@@ -252,7 +257,8 @@ def _on_abort(signum) -> None:
     """SIGABRT from JAX's runtime (its fatal log line is already on stderr)."""
     state = _STATE
     if state is None or state.phase == "finished":
-        os._exit(128 + signal.SIGABRT)
+        # after the finish barrier only teardown is left: losing the service there is benign
+        os._exit(0 if state is not None and state.completed else 128 + signal.SIGABRT)
     launch = state.launch
     if state.phase == "joining":
         _say_and_exit(
@@ -294,6 +300,12 @@ def _watch(state: _Membership) -> None:
         except Exception:  # noqa: BLE001 - the service is gone: the abort hook reports it
             continue
         dead = [i for i in ids if i not in live]
+        if dead:  # a process that reached the end (see finish) is not lost
+            try:
+                done = {k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(_FINISHED)}
+            except Exception:  # noqa: BLE001 - the service is gone: the abort hook reports it
+                continue
+            dead = [i for i in dead if str(i) not in done]
         if dead and not state.stop.is_set():
             _lost(
                 state,
@@ -333,7 +345,7 @@ def join(timeout_s: float, env: Mapping[str, str] | None = None) -> Launch | Non
         ) from e
     _STATE.phase = "running"
     absl_logging.get_absl_handler().addFilter(_DeferLostPeerLogs())
-    threading.excepthook = _defer_thread_tracebacks()
+    threading.excepthook = _defer_thread_tracebacks(threading.excepthook)
     _STATE.watchdog = threading.Thread(
         target=_watch, args=(_STATE,), name="qtx-peer-watchdog", daemon=True
     )
@@ -349,50 +361,71 @@ def watch_checkpoints(directory: str, newest: Callable[[str], int | None]) -> No
 
 
 def finish() -> None:
-    """Ends this process's part: stops the watchdog and waits for the others at a barrier
-    (in recoverable mode JAX's shutdown does not), so no process leaves while another still
-    needs the coordination service; process 0, its host, leaves last."""
+    """Ends this process's part. It records that it reached the end (so the others do not
+    report it lost), waits for them at a barrier (JAX's shutdown does not, in recoverable
+    mode), and process 0, the host of the coordination service, leaves last."""
     state = _STATE
     if state is None or state.phase != "running":
         return
-    state.phase = "finished"
-    state.stop.set()
+    state.phase = "finishing"
     from jax._src import distributed as jax_distributed
 
     client = jax_distributed.global_state.client
-    if client is None:
-        return
-    deadline = time.monotonic() + state.timeout_s
     try:
+        client.key_value_set(f"{_FINISHED}{state.launch.process_id}", "1", allow_overwrite=True)
         client.wait_at_barrier("qtx/finish", int(state.timeout_s * 1000))
-        if state.launch.process_id == 0:
-            ids = list(range(state.launch.num_processes))
-            while time.monotonic() < deadline and len(client.get_live_nodes(ids)) > 1:
-                time.sleep(0.05)
+        state.completed = True
     except Exception:  # noqa: BLE001 - a peer gone at the end: nothing left to share
         pass
+    state.phase = "finished"
+    state.stop.set()
+    if state.completed and state.launch.process_id == 0:
+        ids = list(range(state.launch.num_processes))
+
+        def others_left():  # get_live_nodes waits for every live process: bounded below
+            while len(client.get_live_nodes(ids)) > 1:
+                time.sleep(0.05)
+
+        waiter = threading.Thread(target=others_left, name="qtx-finish", daemon=True)
+        waiter.start()
+        waiter.join(state.timeout_s)
 
 
 def _wait_for_verdict() -> None:
     """Sleeps until the watchdog or the abort hook ends this process (it names the lost
     process), at most the timeout and three polls; returns if neither does."""
     state = _STATE
-    if state is None or state.phase != "running":
+    if state is None or state.phase not in ("running", "finishing"):
         return
     deadline = time.monotonic() + state.timeout_s + 3 * _period(state.timeout_s)
-    while time.monotonic() < deadline and state.phase == "running":
+    while time.monotonic() < deadline and state.phase in ("running", "finishing"):
         time.sleep(0.1)
 
 
-def _lost_peer_text(text: str) -> bool:
-    return _STATE is not None and _STATE.phase == "running" and bool(_TRANSPORT.search(text))
+def _exception_lines(err: BaseException | None) -> str:
+    """``Type: message`` of ``err`` and of every exception chained to it."""
+    lines, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        lines += traceback.format_exception_only(type(err), err)
+        err = err.__cause__ or err.__context__
+    return "".join(lines)
+
+
+def _lost_peer(err: BaseException | None) -> bool:
+    state = _STATE
+    return (
+        state is not None
+        and state.phase in ("running", "finishing")
+        and bool(_TRANSPORT.search(_exception_lines(err)))
+    )
 
 
 def await_verdict(err: BaseException) -> None:
     """After ``err`` in a multi-process run: when it looks like a collective that lost its
     peer, waits for the one-line verdict (see :func:`_wait_for_verdict`); returns otherwise,
     and then the caller reports ``err``."""
-    if _lost_peer_text("".join(traceback.format_exception(err))):
+    if _lost_peer(err):
         _wait_for_verdict()
 
 
@@ -401,18 +434,14 @@ class _DeferLostPeerLogs(logging.Filter):
     save thread logs one) until the verdict line has ended the process."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _lost_peer_text(
-            record.getMessage() + "".join(traceback.format_exception(*record.exc_info))
-        ):
+        if record.exc_info and _lost_peer(record.exc_info[1]):
             _wait_for_verdict()
         return True
 
 
-def _defer_thread_tracebacks(previous=threading.excepthook):
+def _defer_thread_tracebacks(previous):
     def hook(args):
-        if args.exc_value is not None and _lost_peer_text(
-            "".join(traceback.format_exception(args.exc_value))
-        ):
+        if _lost_peer(args.exc_value):
             _wait_for_verdict()
         previous(args)
 

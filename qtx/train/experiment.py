@@ -283,14 +283,17 @@ def _quant_warnings(quant: dict, plan: QuantPlan, ev: dict) -> tuple[str, ...]:
     if active or not unused:
         return ()
     given = ", ".join(f"config.quant.{f}={quant[f]!r}" for f in unused)
-    bits = quant.get("bits") or "W4A4"
+    bits = quant.get("bits")
+    at_eval = (
+        f", or --config.eval.setups=\"('{bits}',)\" (post-training quantization at eval)"
+        if bits
+        else ""
+    )
     return (
         f"{given} {'has' if len(unused) == 1 else 'have'} no effect: config.quant.mode is "
         f"'off' (training stays full precision) and eval.py evaluates config.eval.setups="
         f"{tuple(ev['setups'])!r}; to use {'it' if len(unused) == 1 else 'them'}: "
-        "--config.quant.mode=learn with a preset "
-        f"(quantization-aware training), or --config.eval.setups=\"('{bits}',)\" (post-"
-        "training quantization at eval).",
+        f"--config.quant.mode=learn with a preset (quantization-aware training){at_eval}.",
     )
 
 
@@ -362,6 +365,11 @@ def check_workdir(workdir: str) -> None:
     """One line when ``workdir`` cannot hold a run: it is a file, or lies where this process
     cannot create directories. Leaves nothing behind (the probe directory is removed)."""
     path = os.path.abspath(workdir)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(
+            f"--workdir={workdir} is a broken symbolic link (to {os.readlink(path)}); "
+            "allowed: a directory path (new, or a run's)."
+        )
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

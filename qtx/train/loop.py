@@ -356,6 +356,6 @@ def summary_line(exp, last: dict, steps: int, start: int, ckpt: Checkpointer, me
         if metric in last.get("eval", {}):
             parts.append(f"eval {metric} {last['eval'][metric]:.4g}")
         head = ", ".join(parts)
-    newest = ckpt.latest_step()
+    newest = newest_complete_step(ckpt.directory)  # the manager is closed by now
     where = f"checkpoint {ckpt.directory}/{newest}" if newest is not None else "no checkpoint"
     return f"done: {head}; {where}; metrics {metrics}."
