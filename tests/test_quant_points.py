@@ -398,3 +398,13 @@ def test_plan_from_config_rules_override_preset():
     assert (spec.bits, spec.scheme, mode) == (6, "unsigned", "quantize")
     spec, _ = plan.resolve("layer_0/ffn/out", "act")
     assert spec.bits == 8
+
+
+def test_plan_needs_calibration_from_its_mode_or_a_rule_mode():
+    rule = q.QuantRule("dense", QuantSpec(bits=8))
+    assert not QuantPlan().needs_calibration
+    assert not QuantPlan((rule,)).needs_calibration  # rules, but every point is off
+    assert QuantPlan((rule,), mode="calibrate").needs_calibration
+    learn = q.QuantRule("dense", QuantSpec(bits=4, mode="learn"))
+    assert QuantPlan((learn,)).needs_calibration  # a rule's own mode
+    assert not QuantPlan((q.QuantRule("dense", QuantSpec(mode="off")),)).needs_calibration

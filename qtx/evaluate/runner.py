@@ -36,7 +36,7 @@ from qtx.models import build, dummy_inputs
 from qtx.nn import ATTENTION
 from qtx.train.checkpoint import Checkpointer
 from qtx.train.experiment import check_workdir
-from qtx.train.loop import needs_calibration, prepare, say
+from qtx.train.loop import prepare, say
 from qtx.train.losses import model_inputs
 from qtx.train.mesh import (
     fetch,
@@ -62,7 +62,7 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
     ck = Checkpointer(workdir, async_save=False)
     model = build(cfg, exp.plan.with_mode("off"))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))
-    if needs_calibration(exp.plan):  # trained with quantizers: their params are in the tree
+    if exp.plan.needs_calibration:  # trained with quantizers: their params are in the tree
         abstract = jax.eval_shape(
             lambda: build(cfg, exp.plan).init(jax.random.key(0), **dummy_inputs(cfg))
         )
@@ -74,7 +74,7 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
 
     def load(step):
         params = ck.restore_params(target, step)
-        extra = ck.restore_extra(step) if needs_calibration(exp.plan) else {}
+        extra = ck.restore_extra(step) if exp.plan.needs_calibration else {}
         return params, extra
 
     restored = ck.restore_newest_intact(load)
@@ -133,7 +133,7 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         )
         return {"integer": r}
 
-    if needs_calibration(exp.plan) and extra:
+    if exp.plan.needs_calibration and extra:
         trained = build(cfg, exp.plan.with_mode("quantize"))
         r = run(trained, {"params": params, **extra})
         results["quantized"]["trained"] = {metric: r[metric], **scores(r), "loss": r["loss"]}

@@ -28,7 +28,7 @@ from qtx.hf.export import export, export_problems
 from qtx.models import build, dummy_inputs
 from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.loop import needs_calibration, say
+from qtx.train.loop import say
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -135,7 +135,7 @@ def export_workdir(
     if quantize is not None:
         quant.setup_rules(quantize, **dict(exp.eval["options"] or {}))  # validates the setup
     _check_out(out, overwrite)
-    trained_quant = needs_calibration(exp.plan)
+    trained_quant = exp.plan.needs_calibration
     step, params, extra = _restore(exp, workdir, step, trained_quant)
     say(f"exporting step {step} of {workdir} to {out}")
     model_params = _model_params(cfg, params)
@@ -177,7 +177,7 @@ def export_integer(
     from qtx.evaluate import integer
 
     exp = experiment_lib.load(config)
-    trained_quant = needs_calibration(exp.plan)
+    trained_quant = exp.plan.needs_calibration
     if quantize is not None:
         quant.setup_rules(quantize, **dict(exp.eval["options"] or {}))  # validates the setup
     elif not trained_quant:

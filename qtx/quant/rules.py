@@ -99,6 +99,14 @@ class QuantPlan:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "track", tuple(self.track))
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any point quantizes (the plan's mode, or a rule's own mode, is not off):
+        such a model has quantizer state to calibrate, train or restore."""
+        return self.mode != "off" or any(
+            r.spec is not None and r.spec.mode not in (None, "off") for r in self.rules
+        )
+
     def rule_for(self, point: str, kind: str) -> int | None:
         """Index of the first rule matching ``point``, or None."""
         for i, rule in enumerate(self.rules):

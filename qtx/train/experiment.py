@@ -275,9 +275,7 @@ def _quant_warnings(quant: dict, plan: QuantPlan, ev: dict) -> tuple[str, ...]:
     """A line when ``config.quant`` sets a preset, bits or options that neither training nor
     eval.py uses (quantization off: training stays full precision and eval.py evaluates
     ``config.eval.setups``)."""
-    active = plan.mode != "off" or any(
-        r.spec is not None and r.spec.mode not in (None, "off") for r in plan.rules
-    )
+    active = plan.needs_calibration
     unset = (None, "", "none", {})
     unused = [f for f in ("preset", "bits", "options") if quant.get(f) not in unset]
     if active or not unused:

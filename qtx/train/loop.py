@@ -56,12 +56,6 @@ def model_meta(exp: experiment_lib.Experiment) -> dict:
     return {"task": exp.task, "model": dataclasses.asdict(exp.model), "config": exp.raw}
 
 
-def needs_calibration(plan: quant.QuantPlan) -> bool:
-    return plan.mode != "off" or any(
-        r.spec is not None and r.spec.mode not in (None, "off") for r in plan.rules
-    )
-
-
 def calibrated_variables(model_cfg, plan, variables, batches, family):
     """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges.
 
@@ -168,7 +162,7 @@ def train(config, workdir: str, devices=None) -> dict:
     def load(step):
         abstract = abstract_state
         # extra collections (quant_stats) exist only after calibration: take them as stored
-        if needs_calibration(plan):
+        if plan.needs_calibration:
             extra = ckpt.restore_extra(step)
             abstract = abstract.replace(extra=jax.eval_shape(lambda: extra))
         shardings = tree_shardings(mesh, abstract)
@@ -211,7 +205,7 @@ def train(config, workdir: str, devices=None) -> dict:
             teacher = load_pretrained(tr["teacher"], teacher_cfg)
         elif tr["distill"]:
             teacher = jax.tree.map(np.array, variables["params"])
-        if needs_calibration(plan):
+        if plan.needs_calibration:
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
             calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
             variables = fetch(calibrated_variables(cfg, plan, variables, calib, cfg.family))
@@ -259,7 +253,7 @@ def train(config, workdir: str, devices=None) -> dict:
         out_shardings=(sharding, replicated(mesh)),
         donate_argnums=(0,),
     )
-    eval_model = build(cfg, plan.with_mode("quantize") if needs_calibration(plan) else plan)
+    eval_model = build(cfg, plan.with_mode("quantize") if plan.needs_calibration else plan)
     p_eval = jax.jit(make_eval_step(eval_model, cfg.family, exp.task, collections=()))
     say(f"workdir: {workdir}")  # from here on the run writes there
     writer = MetricWriter(workdir, steps, start, bool(tr["tensorboard"]))
