@@ -207,6 +207,13 @@ _STATE: _Membership | None = None
 _ABORT_HANDLER = None  # keeps the ctypes callback alive
 
 
+def _client():
+    """JAX's coordination-service client of this process (None before it joined)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
 def _period(timeout_s: float) -> float:
     return min(5.0, max(0.2, timeout_s / 10))
 
@@ -290,9 +297,7 @@ def _install_abort_hook() -> None:
 
 def _watch(state: _Membership) -> None:
     """Polls the coordination service's live processes; a missing one ends this process."""
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _client()
     ids = list(range(state.launch.num_processes))
     while not state.stop.wait(_period(state.timeout_s)):
         try:
@@ -368,9 +373,7 @@ def finish() -> None:
     if state is None or state.phase != "running":
         return
     state.phase = "finishing"
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _client()
     try:
         client.key_value_set(f"{_FINISHED}{state.launch.process_id}", "1", allow_overwrite=True)
         client.wait_at_barrier("qtx/finish", int(state.timeout_s * 1000))
@@ -451,9 +454,7 @@ def _defer_thread_tracebacks(previous):
 # -- a stop signal shared by every process --------------------------------------------------
 def announce_signal(name: str) -> None:
     """Records that this process was asked to stop by ``name`` (read by the others)."""
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _client()
     if client is not None:
         try:
             client.key_value_set(_SIGNAL_KEY, name, allow_overwrite=True)
@@ -464,9 +465,7 @@ def announce_signal(name: str) -> None:
 def announced_signal(default: str = "SIGTERM") -> str:
     """The signal some process announced, else ``default`` (SIGTERM is what JAX's preemption
     notice carries)."""
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
+    client = _client()
     if client is not None:
         try:
             return client.key_value_try_get(_SIGNAL_KEY) or default
