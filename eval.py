@@ -18,7 +18,7 @@ reexec_with_huge_pages()  # before jax starts: huge pages for XLA's large buffer
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from qtx import cli  # noqa: E402
+from qtx.run import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
@@ -29,12 +29,12 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    from qtx.evaluate.runner import evaluate
-    from qtx.train.experiment import default_workdir
+    from qtx.run.evaluate import evaluate
+    from qtx.run.experiment import default_workdir
 
     if _INT8.value:
         from qtx.errors import UserError
-        from qtx.evaluate.integer import evaluate_directory
+        from qtx.run.int8 import evaluate_directory
 
         if _HF.value:
             raise UserError("--int8 and --hf_checkpoint exclude each other; allowed: one of them.")

@@ -19,7 +19,7 @@ A user error prints one line (``error: ...``) and exits with status 2.
 from absl import flags
 from ml_collections import config_flags
 
-from qtx import cli
+from qtx.run import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>).")
@@ -37,8 +37,8 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
     del argv
-    from qtx.hf.export_run import export_integer, export_workdir
-    from qtx.train.experiment import default_workdir
+    from qtx.run.experiment import default_workdir
+    from qtx.run.export import export_integer, export_workdir
 
     workdir = _WORKDIR.value or default_workdir(cli.config_path())
     export = export_integer if _INT8.value else export_workdir

@@ -15,7 +15,7 @@ reexec_with_huge_pages()  # before jax starts: huge pages for XLA's large buffer
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from qtx import cli  # noqa: E402
+from qtx.run import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and eval output.")
@@ -24,8 +24,8 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    from qtx.train.experiment import default_workdir
-    from qtx.train.loop import train
+    from qtx.run.experiment import default_workdir
+    from qtx.run.train import train
 
     train(_CONFIG.value, _WORKDIR.value or default_workdir(cli.config_path()))
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from common import Run, base_parser, get_config, table
 
 from qtx.models import build
-from qtx.train.experiment import load as load_experiment
+from qtx.run.experiment import load as load_experiment
 from qtx.train.optim import make_optimizer
 from qtx.train.steps import create_state, make_train_step
 

@@ -9,7 +9,7 @@ and ../shared/data, or ``--local_dir``)::
 1. Fine-tunes the pretrained all-MiniLM-L6-v2 (BERT, 6 x 384, FFN outliers with kurtosis in
    the thousands) on SST-2 in full precision with ``configs/bert_glue_os.py:minilm`` (``--steps``
    x batch 32, lr 1e-4). The checkpoint in ``--workdir`` is reused when it is there.
-2. Runs ``eval.py``'s PTQ of that config (``qtx.evaluate.runner.evaluate``) with the
+2. Runs ``eval.py``'s PTQ of that config (``qtx.run.evaluate.evaluate``) with the
    FasterTransformer placement (``os_fastertransformer``) at W-E-A 8-8-8, 6-6-6 and 4-4-4
    and every method of ``qtx.methods.outlier_suppression.PTQ_METHODS``, on 256 calibration
    samples (8 x 32) from the training split; SST-2 dev (872 sentences) is evaluated in float32.
@@ -66,9 +66,9 @@ def main():
     unknown = sorted(set(args.bits.split(",")) - set(BITS))
     if unknown:
         p.error(f"--bits {unknown} are invalid; allowed: {', '.join(BITS)}")
-    from qtx.evaluate.runner import evaluate
-    from qtx.train.experiment import load
-    from qtx.train.loop import train
+    from qtx.run.evaluate import evaluate
+    from qtx.run.experiment import load
+    from qtx.run.train import train
 
     run = Run("os_sst2")
     c = config(args)

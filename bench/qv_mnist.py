@@ -99,8 +99,8 @@ def main():
         bad = sorted(set(given) - set(allowed))
         if bad:
             p.error(f"{flag} {bad} are invalid; allowed: {', '.join(allowed)}")
-    from qtx.train.experiment import load
-    from qtx.train.loop import train
+    from qtx.run.experiment import load
+    from qtx.run.train import train
 
     fp_dir = os.path.join(args.workdir, f"fp_{args.fp_steps}")  # reused by later runs
     for b in bits:

@@ -14,7 +14,7 @@ batch, the full ``configs/opt125m_gated.py`` (causal LM) and ``configs/bert_base
 A spec with ``:arg`` keeps its config's batch. On CPU every model runs in float32; on a GPU
 in its config's dtype (bfloat16 compute for the full models).
 
-Cases (``--cases``) per model, from ``qtx.train.experiment.load(config)`` (``grad_accum`` 1,
+Cases (``--cases``) per model, from ``qtx.run.experiment.load(config)`` (``grad_accum`` 1,
 the config's optimizer, ``make_train_step`` jitted with ``donate_argnums=(0,)``, random
 batches, no data pipeline):
 
@@ -141,7 +141,7 @@ from flax.traverse_util import flatten_dict  # noqa: E402
 
 import qtx.quant as q  # noqa: E402
 from qtx.models import build, dummy_inputs  # noqa: E402
-from qtx.train.experiment import load as load_experiment  # noqa: E402
+from qtx.run.experiment import load as load_experiment  # noqa: E402
 from qtx.train.losses import model_inputs  # noqa: E402
 from qtx.train.optim import make_optimizer  # noqa: E402
 from qtx.train.steps import create_state, make_train_step  # noqa: E402

@@ -15,7 +15,7 @@ from qtx.data.config import DEFAULTS as DATA_DEFAULTS
 from qtx.errors import UserError
 from qtx.models import ModelConfig
 from qtx.nn import AttentionConfig
-from qtx.train.experiment import EVAL_DEFAULTS, TRAIN_DEFAULTS
+from qtx.run.experiment import EVAL_DEFAULTS, TRAIN_DEFAULTS
 from qtx.train.optim import DEFAULTS as OPTIM_DEFAULTS
 
 # Quantizable Transformers' attention variants per family (docs/methods.md §1 and the reference

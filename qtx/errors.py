@@ -2,7 +2,7 @@
 
 Every invalid config value, mismatched checkpoint or bad input raises :class:`UserError`
 with one sentence that names the field and the allowed values. It subclasses ``ValueError``,
-so ``except ValueError`` still catches it; the command-line mains (``qtx.cli``) print it as
+so ``except ValueError`` still catches it; the command-line mains (``qtx.run.cli``) print it as
 ``error: <sentence>`` and exit with status 2, without a traceback. Any other exception is a
 programming error and keeps its traceback.
 """

@@ -15,9 +15,10 @@ from tiny_runs import opt_train_cmd
 
 from configs import common
 from qtx.errors import UserError
-from qtx.evaluate.runner import load_variables
+from qtx.run.evaluate import load_variables
+from qtx.run.prepare import prepare
+from qtx.run.train import train
 from qtx.train.checkpoint import MANIFEST, Checkpointer, verify_manifest, write_manifest
-from qtx.train.loop import prepare, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -170,7 +170,9 @@ def test_traceback_on_request(tmp_path):
 
 
 def test_programming_errors_keep_their_traceback():
-    code = "from qtx import cli\ndef main(argv):\n    return {}['missing']\ncli.run(main, 'x.py')"
+    code = (
+        "from qtx.run import cli\ndef main(argv):\n    return {}['missing']\ncli.run(main, 'x.py')"
+    )
     r = run("-c", code)
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError" in r.stderr
     assert "error:" not in r.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from qtx.errors import UserError
-from qtx.train import experiment
+from qtx.run import experiment
 from qtx.train.distributed import Launch, first_host, launch_from_env, tasks_on_node
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -165,7 +165,7 @@ def check_export_reproduces_eval(workdir, arg, cut, env, res):
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     from qtx.data import make_pipeline
-    from qtx.train import experiment
+    from qtx.run import experiment
 
     exp = experiment.load(parse(arg.split("=", 1)[1], *cut))
     batches = list(make_pipeline(exp.data, task=exp.task).eval_batches(exp.eval["max_batches"]))

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from qtx import quant
-from qtx.evaluate import figures, runner
+from qtx.evaluate import figures
 from qtx.evaluate import integer as int_models
 from qtx.models import model_config
 from qtx.quant.convert import IntegerReport
+from qtx.run import evaluate as runner
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from test_cli import parse  # noqa: E402
 from tiny_runs import ONE_LAYER_OPT  # noqa: E402
 
 from qtx.errors import UserError  # noqa: E402
-from qtx.hf.export_run import _restore, export_workdir  # noqa: E402
 from qtx.models import build  # noqa: E402
-from qtx.train import experiment  # noqa: E402
-from qtx.train.loop import train  # noqa: E402
+from qtx.run import experiment  # noqa: E402
+from qtx.run.export import _restore, export_workdir  # noqa: E402
+from qtx.run.train import train  # noqa: E402
 
 torch.set_num_threads(2)
 QAT = (  # the tiny gated OPT, one narrow layer, 3 steps of W4A4 module-dependent LSQ

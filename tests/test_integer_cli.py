@@ -9,10 +9,10 @@ from test_cli import parse
 from tiny_runs import ONE_LAYER_OPT
 
 from qtx.errors import UserError
-from qtx.evaluate.integer import evaluate_directory
-from qtx.evaluate.runner import evaluate
-from qtx.hf.export_run import export_integer
-from qtx.train.loop import train
+from qtx.run.evaluate import evaluate
+from qtx.run.export import export_integer
+from qtx.run.int8 import evaluate_directory
+from qtx.run.train import train
 
 TINY = (
     *ONE_LAYER_OPT,

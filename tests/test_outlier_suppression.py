@@ -15,7 +15,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx import quant
 from qtx.errors import UserError
-from qtx.evaluate.ptq import calibrate_setup, evaluate_setup
+from qtx.evaluate.ptq import calibrate_setup
 from qtx.methods.outlier_suppression import (
     TWCSettings,
     alpha_grid,
@@ -27,6 +27,7 @@ from qtx.methods.outlier_suppression import (
 )
 from qtx.methods.outlier_suppression.token_wise_clipping import Reference, make_error_fn
 from qtx.models import build, dummy_inputs, model_config
+from qtx.run.ptq import evaluate_setup
 
 SMALL = dict(
     vocab_size=128,
@@ -548,7 +549,7 @@ def test_outlier_suppression_calibrates_the_headless_minilm(minilm, minilm_dir):
 )
 def test_bad_ptq_settings_fail_before_compute(override, message):
     from configs import common
-    from qtx.train import experiment
+    from qtx.run import experiment
 
     c = common.bert_glue("tiny")
     for k, v in override.items():
@@ -577,8 +578,8 @@ def test_qat_with_migration_twc_init_and_distillation(tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(ROOT))  # configs/, from any working directory
     from configs import common
-    from qtx.evaluate.runner import evaluate
-    from qtx.train.loop import train
+    from qtx.run.evaluate import evaluate
+    from qtx.run.train import train
 
     small = dict(name="bert-tiny", num_layers=1, hidden_size=32, num_heads=2, vocab_size=30522)
     small.update(intermediate_size=64, dtype="float32")

@@ -9,8 +9,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from qtx import quant as q
-from qtx.evaluate.ptq import calibrate_setup, evaluate_setup
+from qtx.evaluate.ptq import calibrate_setup
 from qtx.models import build, dummy_inputs, model_config
+from qtx.run.ptq import evaluate_setup
 
 CFG = model_config(
     "opt-tiny",

@@ -19,7 +19,7 @@ from qtx.methods.quant_variation import (
     update_tracker,
 )
 from qtx.models import build, dummy_inputs, model_config
-from qtx.train.loop import train
+from qtx.run.train import train
 from qtx.train.steps import distillation_loss
 
 RNG = np.random.default_rng(0)

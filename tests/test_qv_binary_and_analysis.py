@@ -173,7 +173,7 @@ def test_fake_quant_np_is_the_best_clipped_grid():
 )
 def test_bad_variation_settings_name_the_field(field, value):
     from configs import common
-    from qtx.train.experiment import load
+    from qtx.run.experiment import load
 
     c = common.vit_image("vanilla", "tiny")
     with c.eval.ignore_type():

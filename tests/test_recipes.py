@@ -17,7 +17,7 @@ from qtx.nn import AttentionConfig, Gate
 from qtx.quant.estimators import percentile
 from qtx.quant.ranges import make_view
 from qtx.quant.spec import QuantSpec
-from qtx.train import experiment
+from qtx.run import experiment
 
 
 def test_w8a8_leaves_the_fc1_output_before_the_activation_in_full_precision():

@@ -13,8 +13,8 @@ from qtx.errors import UserError
 from qtx.evaluate.integer import check_same_model
 from qtx.models import build, dummy_inputs, model_config
 from qtx.models.scan import STACKED, ScannedModel, stack_layers, unstack_layers
-from qtx.train import experiment
-from qtx.train.loop import train
+from qtx.run import experiment
+from qtx.run.train import train
 
 
 def _shapes(tree):

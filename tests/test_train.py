@@ -27,9 +27,10 @@ from qtx.models import build, dummy_inputs, model_config
 from qtx.nn import AttentionConfig, Gate
 from qtx.quant import STATS, QuantPoint
 from qtx.quant.primitives import grid_bounds
-from qtx.train import experiment
+from qtx.run import experiment
+from qtx.run.prepare import model_meta, prepare
+from qtx.run.train import train
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.loop import model_meta, prepare, train
 from qtx.train.losses import sane_for_checkpoint
 from qtx.train.pretrained import load_pretrained, merge_pretrained
 from qtx.train.steps import TrainState, create_state, make_eval_step, make_train_step

@@ -12,9 +12,10 @@ import pytest
 
 from configs import common
 from qtx.errors import UserError
-from qtx.train import experiment
+from qtx.run import experiment
+from qtx.run.prepare import prepare
+from qtx.run.train import summary_line
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.loop import prepare, summary_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

@@ -35,7 +35,7 @@ from qtx.errors import UserError
 from qtx.evaluate.metrics import scores
 from qtx.models import ModelConfig, build, dummy_inputs
 from qtx.models.config import model_config_from_dict
-from qtx.quant.convert import IntegerReport, convert, weight_bytes
+from qtx.quant.convert import IntegerReport, convert
 from qtx.train.losses import model_inputs
 
 FORMAT = "qtx-int8"
@@ -235,55 +235,3 @@ def check_same_model(cfg: ModelConfig, expected: ModelConfig, where: str) -> Non
                 f"{where} holds a model with {f.name}={a!r}; the config has "
                 f"config.model.{f.name}={b!r}."
             )
-
-
-def evaluate_directory(config, path: str) -> dict:
-    """``eval.py --int8=DIR``: the integer model of an int8 directory and its fake-quant twin
-    on the config's eval data; writes ``DIR/eval.json`` and prints a table."""
-    from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval
-    from qtx.train.loop import prepare, say
-    from qtx.train.mesh import global_batch
-    from qtx.train.steps import make_eval_step
-
-    exp, mesh, pipe = prepare(config)
-    cfg, iplan, int_vars, meta = load(path)
-    check_same_model(cfg, exp.model, path)
-    ev = exp.eval
-    cfg = cfg.replace(dtype=ev["dtype"]) if ev["dtype"] else cfg
-    glue = glue_task_of(exp)
-    metric = headline_metric(exp.task, glue)
-    to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
-
-    def run(model):
-        step = jax.jit(make_eval_step(model, cfg.family, exp.task, ()))
-        batches = pipe.eval_batches(ev["max_batches"])
-        return run_eval(step, int_vars, batches, exp.task, to_dev, None, glue)
-
-    int_model, twin = build(cfg, iplan), build(cfg, fake_twin(iplan))
-    r_int, r_fq = run(int_model), run(twin)
-    batches = pipe.eval_batches(ev["max_batches"])
-    diff = max_output_difference(cfg, twin, int_vars, int_model, int_vars, batches, to_dev)
-    report = meta["report"]
-    results = {
-        "int8": path,
-        "source": meta.get("source", {}),
-        "fake_quant": {metric: r_fq[metric], **scores(r_fq), "loss": r_fq["loss"]},
-        "integer": {metric: r_int[metric], **scores(r_int), "loss": r_int["loss"]},
-        "max_logit_diff": diff,
-        "weight_bytes": weight_bytes(int_vars),
-        "float_weight_bytes": report["float_weight_bytes"],
-        "integer_matmuls": len(report["integer_matmuls"]),
-        "float_matmuls": report["float_matmuls"],
-    }
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "eval.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        ratio = results["float_weight_bytes"] / max(results["weight_bytes"], 1)
-        say(
-            f"{path}: fake quant {metric} {r_fq[metric]:.4g} | integer {metric} "
-            f"{r_int[metric]:.4g} | max logit diff {diff:.3g} | weights "
-            f"{results['weight_bytes'] / 2**20:.2f} MiB ({ratio:.2f}x smaller than float32) | "
-            f"{results['integer_matmuls']} integer matmuls, {len(results['float_matmuls'])} "
-            "in float"
-        )
-    return results

@@ -6,7 +6,6 @@
   variants ship qtx's PyTorch code (``remote/``, ``trust_remote_code=True``, see ``variants``);
 * ``quant_sidecar.write_sidecar(path, cfg, plan, variables)``: the quantizers of a calibrated
   or QAT-trained model, applied in PyTorch by ``remote/quantization_qtx.py``;
-* ``export_run.export_workdir``: export.py's driver (workdir checkpoint -> directory);
 * ``load_tokenizer(path)``: the directory's ``AutoTokenizer``.
 
 Families: BERT, RoBERTa, OPT, ViT, DeiT and Swin (see ``convert_*`` for the key mappings).

@@ -160,7 +160,7 @@ def analyse(
     """Module and head sensitivity, FP outlier statistics and oscillation (module docstring).
 
     ``run(model, variables, outliers=None)`` evaluates and returns metrics with ``loss``
-    (as ``qtx.evaluate.runner``); ``oscillation``: a QAT run's tracker
+    (as ``qtx.run.evaluate``); ``oscillation``: a QAT run's tracker
     (``TrainState.extra['oscillation']``) or None.
     """
     from qtx.evaluate.outliers import OutlierAccumulator

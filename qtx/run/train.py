@@ -9,33 +9,28 @@ saved, naming the step.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qtx import quant
-from qtx.data import make_pipeline
-from qtx.data.availability import missing_resources
-from qtx.data.config import resolve_spec
-from qtx.errors import MissingResources, UserError
+from qtx.errors import UserError
 from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval
 from qtx.methods import quant_variation
 from qtx.models import build, dummy_inputs
 from qtx.models.config import IMAGE_FAMILIES
+from qtx.run import experiment as experiment_lib
+from qtx.run.prepare import calibrated_variables, model_meta, prepare, report_points, say
 from qtx.train import distributed
-from qtx.train import experiment as experiment_lib
 from qtx.train.checkpoint import Checkpointer, newest_complete_step
-from qtx.train.losses import finite_or_raise, model_inputs, sane_for_checkpoint
+from qtx.train.losses import finite_or_raise, sane_for_checkpoint
 from qtx.train.mesh import (
     batch_sharding,
     fetch,
     global_batch,
-    make_mesh,
     replicated,
     tree_shardings,
 )
@@ -50,71 +45,6 @@ from qtx.train.pretrained import (
     teacher_config,
 )
 from qtx.train.steps import TEACHER, Distillation, TrainState, make_eval_step, make_train_step
-
-
-def model_meta(exp: experiment_lib.Experiment) -> dict:
-    return {"task": exp.task, "model": dataclasses.asdict(exp.model), "config": exp.raw}
-
-
-def calibrated_variables(model_cfg, plan, variables, batches, family):
-    """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges.
-
-    ``batches`` should be global device arrays (``global_batch``) so that every process
-    computes the same statistics."""
-    cal = build(model_cfg, plan.with_mode("calibrate"))
-    variables = quant.calibrate(
-        lambda v, b: cal.apply(v, **model_inputs(family, b), mutable=[quant.STATS]),
-        variables,
-        batches,
-    )
-    return quant.init_learnable(variables)
-
-
-def say(msg: str) -> None:
-    """A line on the console from process 0."""
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
-
-def report_points(model, variables, inputs, plan) -> quant.MatchReport:
-    points = quant.list_points(model.apply, variables, **inputs)
-    report = quant.match_report(plan, {k: v[0] for k, v in points.items()})
-    if plan.rules:
-        say(f"quantization: {report}")
-    return report
-
-
-def prepare(config, devices=None):
-    """``(experiment, mesh, pipeline)``: validates the whole config first (no compute before
-    every field is known good), then joins the processes and builds the mesh and data."""
-    exp = experiment_lib.load(config)
-    spec = resolve_spec(exp.data, exp.task)
-    missing = missing_resources(spec)
-    if missing:
-        raise MissingResources(missing)
-    distributed.join(float(exp.train["distributed_timeout_s"]))
-    if jax.process_index() == 0:
-        for line in exp.warnings:
-            print(f"warning: {line}", file=sys.stderr, flush=True)
-    mesh = make_mesh(exp.mesh, devices)
-    for field, rows in (
-        ("data.batch_size", spec.batch_size),
-        ("data.eval_batch_size", spec.eval_batch_size),
-        ("train.calib_batch_size", exp.train["calib_batch_size"]),
-        ("eval.calib_batch_size", exp.eval["calib_batch_size"]),
-    ):
-        if rows and int(rows) % mesh.size:
-            raise UserError(
-                f"config.{field}={rows} does not split over the {mesh.size} devices of the "
-                f"mesh; allowed: a multiple of {mesh.size}."
-            )
-    pipe = make_pipeline(
-        exp.data,
-        task=exp.task,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    return exp, mesh, pipe
 
 
 def train(config, workdir: str, devices=None) -> dict:

@@ -26,9 +26,9 @@ from qtx.errors import UserError
 from qtx.hf import quant_sidecar, remote
 from qtx.hf.export import export, export_problems
 from qtx.models import build, dummy_inputs
-from qtx.train import experiment as experiment_lib
+from qtx.run import experiment as experiment_lib
+from qtx.run.prepare import say
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.loop import say
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -103,7 +103,7 @@ def _calibrated(exp, config, params, setup: str) -> tuple[quant.QuantPlan, dict]
     """``(plan, variables)`` of the PTQ ``setup`` calibrated on the config's training data, as
     ``eval.py`` calibrates it (``config.eval.calib_batches`` x ``calib_batch_size``)."""
     from qtx.evaluate.ptq import calibrate_setup
-    from qtx.train.loop import prepare
+    from qtx.run.prepare import prepare
     from qtx.train.mesh import global_batch
 
     _, mesh, pipe = prepare(config)

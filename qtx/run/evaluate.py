@@ -31,12 +31,12 @@ from qtx.evaluate import figures
 from qtx.evaluate.integer import evaluate_integer
 from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval, scores
 from qtx.evaluate.outliers import OutlierAccumulator
-from qtx.evaluate.ptq import evaluate_setup
 from qtx.models import build, dummy_inputs
 from qtx.nn import ATTENTION
+from qtx.run.experiment import check_workdir
+from qtx.run.prepare import prepare, say
+from qtx.run.ptq import evaluate_setup
 from qtx.train.checkpoint import Checkpointer
-from qtx.train.experiment import check_workdir
-from qtx.train.loop import prepare, say
 from qtx.train.losses import model_inputs
 from qtx.train.mesh import (
     fetch,
