@@ -33,7 +33,18 @@ from qtx.methods.outlier_suppression.token_wise_clipping import (
     fine_tune,
 )
 
+# the methods of the paper's PTQ table (docs/methods.md §2), in its column order
+PAPER_TABLE = (
+    "minmax",
+    "percentile",
+    "omse",
+    "gamma_migration",
+    "token_wise_clipping",
+    "outlier_suppression",
+)
+
 __all__ = [
+    "PAPER_TABLE",
     "PTQ_METHODS",
     "Calibrated",
     "TWCSettings",
