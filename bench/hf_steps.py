@@ -2,7 +2,8 @@
 
 One step: ``zero_grad``, forward with the task's loss, backward, global-norm clipping (when the
 config clips) and ``torch.optim.AdamW``, ending in a host sync (``loss.item()``). Models are
-built from the qtx config by ``qtx.hf.convert_<family>.hf_config`` with random init:
+built from the qtx config by its family's converter's ``hf_config`` (``qtx.hf.converter``)
+with random init:
 
 * ``clm`` (OPT): ``AutoModelForCausalLM`` (``OPTForCausalLM``), labels = ``input_ids``;
 * ``mlm`` (BERT, RoBERTa): ``AutoModelForMaskedLM`` (no pooler), labels = ``targets`` at the
@@ -17,9 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qtx.hf import convert_bert, convert_opt, convert_vit
+from qtx.hf.converter import converter
 
-CONVERTERS = {"opt": convert_opt, "bert": convert_bert, "roberta": convert_bert, "vit": convert_vit}
 POSITION_PARAMS = ("embed_positions", "position_embeddings")  # left out of N (FLOPs)
 
 
@@ -31,14 +31,13 @@ def hf_model(cfg, task: str):
         AutoModelForMaskedLM,
     )
 
-    if cfg.family not in CONVERTERS:
-        raise ValueError(f"no HF train step for family {cfg.family!r}; have {sorted(CONVERTERS)}")
+    hf_config = converter(cfg.family).hf_config(cfg)  # a UserError for a family without one
     auto = {
         "clm": AutoModelForCausalLM,
         "mlm": AutoModelForMaskedLM,
         "image": AutoModelForImageClassification,
     }[task]
-    return auto.from_config(CONVERTERS[cfg.family].hf_config(cfg))
+    return auto.from_config(hf_config)
 
 
 def torch_batch(task: str, batch: dict, dev: str) -> dict:

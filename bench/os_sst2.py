@@ -11,8 +11,9 @@ and ../shared/data, or ``--local_dir``)::
    x batch 32, lr 1e-4). The checkpoint in ``--workdir`` is reused when it is there.
 2. Runs ``eval.py``'s PTQ of that config (``qtx.run.evaluate.evaluate``) with the
    FasterTransformer placement (``os_fastertransformer``) at W-E-A 8-8-8, 6-6-6 and 4-4-4
-   and every method of ``qtx.methods.outlier_suppression.PTQ_METHODS``, on 256 calibration
-   samples (8 x 32) from the training split; SST-2 dev (872 sentences) is evaluated in float32.
+   and every method of the paper's table (``qtx.methods.outlier_suppression.PAPER_TABLE``), on
+   256 calibration samples (8 x 32) from the training split; SST-2 dev (872 sentences) is
+   evaluated in float32.
 3. Prints accuracy per cell with FP beside it and the calibration seconds per method (mean
    over the bit-widths; compilation included), and writes ``bench/results/os_sst2.json``::
 
@@ -35,15 +36,15 @@ sys.path.insert(0, ROOT)
 import jax.numpy as jnp  # noqa: E402
 from common import Run, base_parser, matmul_peak, table  # noqa: E402
 
-from configs import common as configs  # noqa: E402
-from qtx.methods.outlier_suppression import PTQ_METHODS  # noqa: E402
+from configs import bert_glue_os  # noqa: E402
+from qtx.methods.outlier_suppression import PAPER_TABLE  # noqa: E402
 
 BITS = {"8-8-8": "W8A8E8", "6-6-6": "W6A6E6", "4-4-4": "W4A4E4"}
 
 
 def config(args):
     """``configs/bert_glue_os.py:minilm`` with the command line's steps, cells and methods."""
-    c = configs.bert_glue_os("minilm")
+    c = bert_glue_os.get_config("minilm")
     if args.local_dir:
         c.data.local_dir = args.local_dir
     c.optim.update(warmup_steps=max(args.steps // 10, 1))
@@ -60,7 +61,7 @@ def main():
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "os_sst2"))
     p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps at batch 32")
     p.add_argument("--bits", default=",".join(BITS), help="comma-separated W-E-A cells")
-    p.add_argument("--methods", default=",".join(PTQ_METHODS), help="comma-separated methods")
+    p.add_argument("--methods", default=",".join(PAPER_TABLE), help="comma-separated methods")
     p.add_argument("--local_dir", default=None, help="folder holding glue/SST-2 (../shared/data)")
     args = p.parse_args()
     unknown = sorted(set(args.bits.split(",")) - set(BITS))

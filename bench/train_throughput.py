@@ -141,6 +141,7 @@ from flax.traverse_util import flatten_dict  # noqa: E402
 
 import qtx.quant as q  # noqa: E402
 from qtx.models import build, dummy_inputs  # noqa: E402
+from qtx.models.family import family_names, family_record  # noqa: E402
 from qtx.run.experiment import load as load_experiment  # noqa: E402
 from qtx.train.losses import model_inputs  # noqa: E402
 from qtx.train.optim import make_optimizer  # noqa: E402
@@ -167,12 +168,13 @@ def short(spec: str) -> str:
 
 
 def tokens_per_example(cfg, seq_len: int) -> int:
-    """Sequence length of text models; patches + class (+ distillation) token of ViTs."""
-    if cfg.family == "vit":
-        return cfg.num_patches + 1 + int(cfg.distillation_token)
-    if cfg.family in ("opt", "bert", "roberta"):
-        return seq_len
-    raise ValueError(f"family {cfg.family!r} is not supported (opt, bert, roberta, vit)")
+    """Sequence length of text models; patches + class (+ distillation) token of ViTs
+    (``Family.tokens_per_example``)."""
+    count = family_record(cfg.family).tokens_per_example
+    if count is None:
+        counted = [n for n in family_names() if family_record(n).tokens_per_example]
+        raise ValueError(f"family {cfg.family!r} is not supported ({', '.join(counted)})")
+    return count(cfg, seq_len)
 
 
 def random_batches(task: str, cfg, b: int, t: int, n: int = 4) -> list[dict]:

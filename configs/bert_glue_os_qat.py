@@ -27,8 +27,24 @@ Where it differs from the paper: the QAT learning rate and steps are ours (the p
 code is not released); distillation is the temperature-scaled KL on the logits.
 """
 
+import ml_collections
+
 from configs import common
 
 
-def get_config(arg=None):
-    return common.bert_glue_os_qat(arg)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Outlier Suppression's QAT at W-E-A 4-4-4 on GLUE (``arg``: the GLUE task, default sst2,
+    or ``tiny``): gamma migration, LSQ+ quantizers whose activation ranges start from the
+    coarse token-wise clipping stage, weights and ranges trained jointly."""
+    _, variant = common.parse_arg(arg, "bert_glue_os_qat", common.GLUE_TASKS)
+    c = common.bert_glue(arg, config="bert_glue_os_qat")
+    c.model.gamma_migrated = True
+    c.quant.update(preset="os_fastertransformer", bits="W4A4E4", mode="learn")
+    c.quant.options = {"learn": "lsq+"}
+    c.train.update(qat_init="token_wise_clipping", calib_batches=8, calib_batch_size=32)
+    c.eval.update(setups=(), figures=False)
+    if variant == "tiny":
+        c.data.update(batch_size=32)
+        c.optim.update(lr=1e-4, warmup_steps=30)
+        c.train.update(steps=300, log_every=50, checkpoint_every=300)
+    return c

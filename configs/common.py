@@ -1,7 +1,12 @@
-"""Shared pieces of the experiment configs (the papers' recipes and the tiny offline runs).
+"""The machinery and shared tables of the experiment configs, and the family builders that
+several config files share (``bert_mlm``, ``opt_clm``, ``vit_image``, ``bert_glue``).
 
-Each experiment file defines ``get_config(arg=None)``; ``arg="tiny"`` gives a variant that runs
-offline on a 2-core CPU in a few minutes on the embedded / local data.
+Each experiment file defines ``get_config(arg=None)`` and reads its ``arg``
+(``--config=configs/<name>.py:<arg>``) with :func:`parse_arg`, the one grammar of every
+config: nothing (the full recipe), one of the config's choices (a GLUE task, the bits
+``W4A4``), one of its variants (``tiny``: offline on a 2-core CPU in a few minutes on the
+embedded / local data), or ``<choice>,<variant>`` where the config combines them. A recipe
+that one config file uses lives in that file, beside the command and the expected result.
 """
 
 from __future__ import annotations
@@ -92,14 +97,38 @@ def overridable(c: ml_collections.ConfigDict, prefix: str = "") -> ml_collection
     return c
 
 
-def check_arg(arg: str | None, allowed: tuple[str, ...], config: str) -> None:
-    """Refuses an unknown ``:arg`` of ``configs/<config>.py``, naming the allowed ones."""
+def parse_arg(
+    arg: str | None,
+    config: str,
+    choices: tuple[str, ...] = (),
+    variants: tuple[str, ...] = ("tiny",),
+    combined: bool = False,
+) -> tuple[str | None, str | None]:
+    """The one grammar of ``--config=configs/<config>.py:<arg>``; returns (choice, variant).
+
+    ``arg`` is nothing (None or ''), one of ``choices`` (a GLUE task, the bits), one of
+    ``variants`` (``tiny``), or, when ``combined``, ``<choice>,<variant>``. The choice
+    defaults to ``choices[0]`` (None for a config without choices); the variant None is the
+    full recipe. ``"W2A2,tiny"`` -> ``("W2A2", "tiny")``; ``"tiny"`` -> ``(choices[0], "tiny")``.
+    Anything else is one UserError naming the config and every allowed arg.
+    """
+    allowed = [*choices, *variants]
+    if combined:
+        allowed += [f"{c},{v}" for c in choices for v in variants]
+    default = choices[0] if choices else None
     if arg not in (None, "", *allowed):
+        none = f"none (= {default!r})" if choices else "none (the full recipe)"
         raise UserError(
-            f"config arg {arg!r} of {config} is invalid; allowed: none (the full recipe) or "
+            f"config arg {arg!r} of configs/{config}.py is invalid; allowed: {none}, "
             + ", ".join(repr(a) for a in allowed)
             + "."
         )
+    if not arg:
+        return default, None
+    if arg in variants:
+        return default, arg
+    choice, _, variant = arg.partition(",")
+    return choice, variant or None
 
 
 def _fields(cls, skip=()) -> dict:
@@ -148,7 +177,7 @@ def base(task: str, model_name: str, attention: dict) -> ml_collections.ConfigDi
 
 def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     """BERT-base MLM pretraining (QT: seq 128, batch 256, 1M steps, lr 1e-4, 10k warmup)."""
-    check_arg(arg, ("tiny",), f"bert_base_{variant}")
+    tiny = parse_arg(arg, f"bert_base_{variant}")[1] == "tiny"
     c = base("mlm", "bert-base", ATTENTION["bert"][variant])
     # the reference builds its self-attention (q, k, v) after the model: PyTorch's Linear init
     c.model.update(dtype="bfloat16", attention_proj_init="pytorch_qkv")
@@ -178,7 +207,7 @@ def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
         checkpoint_every=10_000,
     )
     c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32)
-    if arg == "tiny":
+    if tiny:
         c.model.update(name="bert-tiny", dtype="float32")
         c.data.update(
             name="wikitext2_embedded", tokenizer="qtx:wordpiece", batch_size=16, max_eval_batches=20
@@ -201,7 +230,7 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
     reference replaces the attention modules after building the model), the rest N(0, 0.006);
     LN gamma is decayed for OPT-125m only.
     """
-    check_arg(arg, ("tiny",), f"{size.replace('-', '').replace('.', '_')}_{variant}")
+    tiny = parse_arg(arg, f"{size.replace('-', '').replace('.', '_')}_{variant}")[1] == "tiny"
     table = ATTENTION["opt-1.3b" if size == "opt-1.3b" else "opt"]
     c = base("clm", PAPER_OPT[size], table[variant])
     c.model.update(
@@ -251,7 +280,7 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
         c.optim.grad_accum = 12
         c.model.remat = True
         c.mesh.update(data=-1, fsdp=8)
-    if arg == "tiny":
+    if tiny:
         c.model.update(name="opt-tiny", dtype="float32", max_positions=128, init_std=0.02)
         if size != "opt-125m":  # keep the paper's structure: pre-LN with in/out projections
             c.model.update(word_embed_proj_dim=64)
@@ -274,7 +303,7 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
 
 def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collections.ConfigDict:
     """ViT-S/16 on ImageNet-1K with the DeiT recipe (300 epochs, batch 1024, lr 1e-3)."""
-    check_arg(arg, ("tiny",), f"{size.replace('-', '_')}_{variant}")
+    tiny = parse_arg(arg, f"{size.replace('-', '_')}_{variant}")[1] == "tiny"
     c = base("image", size, ATTENTION["vit"][variant])
     c.model.update(dtype="bfloat16", drop_path=0.1)
     c.data.update(
@@ -305,7 +334,7 @@ def vit_image(variant: str, arg: str | None, size: str = "vit-s16") -> ml_collec
         steps=300 * epoch, log_every=100, eval_every=10 * epoch, checkpoint_every=2 * epoch
     )
     c.eval.update(setups=("W8A8",), calib_batches=16, calib_batch_size=32)
-    if arg == "tiny":
+    if tiny:
         c.model.update(
             name="vit-tiny",
             dtype="float32",
@@ -351,13 +380,11 @@ def minilm_dir() -> str:
 GLUE_TASKS = ("sst2", "mnli", "qnli", "qqp", "mrpc", "rte", "cola", "stsb")
 
 
-def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
-    """GLUE fine-tuning of a pretrained BERT (``arg``: the GLUE task, default sst2)."""
-    task = arg or "sst2"
-    tiny = task == "tiny"
-    task = "sst2" if tiny else task
-    if task not in GLUE_TASKS:
-        raise UserError(f"config arg {arg!r} is invalid; allowed: tiny, {', '.join(GLUE_TASKS)}.")
+def bert_glue(arg: str | None, config: str = "bert_base_glue") -> ml_collections.ConfigDict:
+    """GLUE fine-tuning of a pretrained BERT (``arg``: the GLUE task, default sst2, or
+    ``tiny``: MiniLM on SST-2); ``config`` names the config file in the arg's error."""
+    task, variant = parse_arg(arg, config, GLUE_TASKS)
+    tiny = variant == "tiny"
     c = base("classification", "bert-base", {})
     labels = {"mnli": 3, "stsb": 1}.get(task, 2)
     c.model.update(num_labels=labels, dtype="bfloat16", pooler=True)
@@ -391,54 +418,3 @@ def bert_glue(arg: str | None) -> ml_collections.ConfigDict:
         c.eval.update(calib_batches=4, calib_batch_size=32)
         c.init_from = minilm_dir()
     return overridable(c)
-
-
-OS_SETUPS = (
-    "os_fastertransformer:W8A8E8",
-    "os_fastertransformer:W6A6E6",
-    "os_fastertransformer:W4A4E4",
-)
-
-
-def bert_glue_os(arg: str | None) -> ml_collections.ConfigDict:
-    """Outlier Suppression's PTQ table on a GLUE-fine-tuned BERT (``arg`` as :func:`bert_glue`):
-    W-E-A 8-8-8 / 6-6-6 / 4-4-4 in the FasterTransformer placement, every PTQ method, 256
-    calibration samples."""
-    from qtx.methods.outlier_suppression import PTQ_METHODS
-
-    if arg not in (None, "tiny", "minilm", *GLUE_TASKS):
-        raise UserError(
-            f"config arg {arg!r} is invalid; allowed: tiny, minilm, {', '.join(GLUE_TASKS)}."
-        )
-    c = bert_glue("tiny" if arg == "minilm" else arg)
-    c.eval.update(setups=OS_SETUPS, ptq_methods=PTQ_METHODS, calib_batches=8, calib_batch_size=32)
-    if arg == "minilm":  # long enough for MiniLM to pass 87 % on SST-2 dev (600 steps: 86.7 %)
-        c.data.update(batch_size=32)
-        c.optim.update(lr=1e-4, warmup_steps=100)
-        c.train.update(steps=1000, log_every=50, checkpoint_every=1000)
-        c.eval.update(figures=False)
-    elif arg == "tiny":  # minutes: bert_base_glue's fine-tuning, the 6-bit row, small searches
-        c.eval.update(
-            setups=("os_fastertransformer:W6A6E6",),
-            calib_batches=4,
-            ptq_options={"num_alphas": 10, "fine_epochs": 1},
-            figures=False,
-        )
-    return c
-
-
-def bert_glue_os_qat(arg: str | None) -> ml_collections.ConfigDict:
-    """Outlier Suppression's QAT at W-E-A 4-4-4 on GLUE (``arg`` as :func:`bert_glue`): gamma
-    migration, LSQ+ quantizers whose activation ranges start from the coarse token-wise
-    clipping stage, weights and ranges trained jointly."""
-    c = bert_glue(arg)
-    c.model.gamma_migrated = True
-    c.quant.update(preset="os_fastertransformer", bits="W4A4E4", mode="learn")
-    c.quant.options = {"learn": "lsq+"}
-    c.train.update(qat_init="token_wise_clipping", calib_batches=8, calib_batch_size=32)
-    c.eval.update(setups=(), figures=False)
-    if arg == "tiny":
-        c.data.update(batch_size=32)
-        c.optim.update(lr=1e-4, warmup_steps=30)
-        c.train.update(steps=300, log_every=50, checkpoint_every=300)
-    return c

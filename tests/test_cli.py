@@ -162,7 +162,7 @@ def test_traceback_on_request(tmp_path):
     args = ("train.py", "--config=configs/opt125m_gated.py:tny", f"--workdir={tmp_path}")
     r = run(*args, "--verbosity=1")
     assert r.returncode == 2 and "Traceback" in r.stderr
-    assert "error: config arg 'tny' of opt125m_gated is invalid" in r.stderr
+    assert "error: config arg 'tny' of configs/opt125m_gated.py is invalid" in r.stderr
     r = run(*args, env={"QTX_TRACEBACK": "1"})
     assert r.returncode == 2 and "Traceback" in r.stderr
     r = run(*args)

@@ -26,6 +26,7 @@ from qtx.methods.outlier_suppression import (
     zero_gamma_channels,
 )
 from qtx.methods.outlier_suppression.token_wise_clipping import Reference, make_error_fn
+from qtx.methods.registry import ptq_method
 from qtx.models import build, dummy_inputs, model_config
 from qtx.run.ptq import evaluate_setup
 
@@ -370,7 +371,6 @@ def test_every_ptq_method_runs_and_reports_its_time(twc_model):
 def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     """The returned quantizers are the fine stage's only when its output error is below the
     coarse stage's; otherwise (no fine epochs, or no gain) the coarse ranges come back."""
-    from qtx.methods.outlier_suppression import calibrate_method
     from qtx.methods.outlier_suppression.token_wise_clipping import length_buckets
 
     params, calib, _ = twc_model
@@ -378,8 +378,8 @@ def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     kept = []
     for lr, epochs in ((1e-3, 0), (1.0, 1), (1e-4, 8)):
         opts = {"num_alphas": 4, "alpha_step": 0.05, "fine_lr": lr, "fine_epochs": epochs}
-        (c,) = calibrate_method(
-            "token_wise_clipping", TWC_CFG, SETUP4, params, calib, ptq_options=opts
+        (c,) = ptq_method("token_wise_clipping").calibrate(
+            TWC_CFG, SETUP4, params, calib, ptq_options=opts
         )
         coarse, fine = c.info["coarse"]["output_mse"], c.info["fine"]
         after = fine.get("output_mse_after", float("inf"))
@@ -406,8 +406,8 @@ def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ptq_module, "fine_tune", worse)
         opts = {"num_alphas": 4, "alpha_step": 0.05, "fine_lr": 1e-3, "fine_epochs": 1}
-        (c,) = calibrate_method(
-            "token_wise_clipping", TWC_CFG, SETUP4, params, calib, ptq_options=opts
+        (c,) = ptq_method("token_wise_clipping").calibrate(
+            TWC_CFG, SETUP4, params, calib, ptq_options=opts
         )
     coarse, fine = c.info["coarse"]["output_mse"], c.info["fine"]
     assert fine["output_mse_after"] > coarse and fine["kept"] is False
@@ -508,7 +508,6 @@ def test_outlier_suppression_calibrates_the_headless_minilm(minilm, minilm_dir):
     """The real MiniLM as ``qtx.hf.load`` returns it (no task head) calibrates with token-wise
     clipping and the full method on its last hidden state, and stays close to FP at 8 bits."""
     import qtx.hf
-    from qtx.methods.outlier_suppression import calibrate_method
 
     model, variables = minilm
     cfg = model.cfg
@@ -519,8 +518,8 @@ def test_outlier_suppression_calibrates_the_headless_minilm(minilm, minilm_dir):
     real = np.asarray(enc["attention_mask"]).astype(bool)
     fp = np.asarray(model.apply(variables, **inputs_of(cfg, batch))["last_hidden_state"])[real]
     for method, epochs in (("token_wise_clipping", 0), ("outlier_suppression", 1)):
-        (c,) = calibrate_method(
-            method, cfg, "os_fastertransformer:W8A8E8", variables["params"], [batch],
+        (c,) = ptq_method(method).calibrate(
+            cfg, "os_fastertransformer:W8A8E8", variables["params"], [batch],
             ptq_options={"num_alphas": 2, "fine_epochs": epochs},
         )  # fmt: skip
         assert math.isfinite(c.info["coarse"]["output_mse"]) and c.info["fine"]["steps"] == epochs
@@ -577,7 +576,7 @@ def test_qat_with_migration_twc_init_and_distillation(tmp_path, monkeypatch):
     import json
 
     monkeypatch.syspath_prepend(str(ROOT))  # configs/, from any working directory
-    from configs import common
+    from configs import bert_glue_os_qat, common
     from qtx.run.evaluate import evaluate
     from qtx.run.train import train
 
@@ -595,7 +594,7 @@ def test_qat_with_migration_twc_init_and_distillation(tmp_path, monkeypatch):
     fp_cfg.init_from = ""
     train(fp_cfg, str(tmp_path / "fp"))
 
-    c = shrink(common.bert_glue_os_qat("tiny"), 2)
+    c = shrink(bert_glue_os_qat.get_config("tiny"), 2)
     c.init_from = str(tmp_path / "fp")
     c.train.update(calib_batches=2, calib_batch_size=8, distill=1.0)
     c.quant.bits = "W8A8E8"  # 10 alpha candidates instead of 4-bit's 90

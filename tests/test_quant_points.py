@@ -408,3 +408,25 @@ def test_plan_needs_calibration_from_its_mode_or_a_rule_mode():
     learn = q.QuantRule("dense", QuantSpec(bits=4, mode="learn"))
     assert QuantPlan((learn,)).needs_calibration  # a rule's own mode
     assert not QuantPlan((q.QuantRule("dense", QuantSpec(mode="off")),)).needs_calibration
+
+
+def test_quantizer_params_are_the_learnable_points_step_and_offset():
+    """The names a learnable LSQ+ point declares, as key tuples, strings and the regex."""
+    import re
+
+    from flax.traverse_util import flatten_dict
+
+    rules = (q.rule(r"weight$", bits=4, scheme="unsigned", learn="lsq+", estimator="minmax"),)
+    plan = QuantPlan(rules, mode="calibrate")
+    x = jnp.ones((2, 3))
+    params = jax.jit(Dense(4, plan).init)(jax.random.key(0), x)["params"]
+    keys = set(flatten_dict(params))
+    assert {k for k in keys if q.is_quantizer_param(k)} == {
+        ("weight", "step"),
+        ("weight", "offset"),
+    }
+    assert q.QUANTIZER_PARAMS == ("step", "offset")
+    assert q.is_quantizer_param("layer_0/fc1/weight/offset")
+    assert not q.is_quantizer_param("layer_0/fc1/kernel")
+    assert re.search(q.QUANTIZER_PARAM_PATTERN, "layer_0/fc1/weight/step")
+    assert not re.search(q.QUANTIZER_PARAM_PATTERN, "layer_0/fc1/stepper")

@@ -2,7 +2,10 @@
 (W8A8 placement, gate and attention initialisation, the paper's OPT-350m / 1.3B, precision,
 optimizer details, sequential calibration, Outlier Suppression's |x| percentile)."""
 
+import importlib
 import math
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -12,6 +15,7 @@ import pytest
 
 import qtx.quant as q
 from configs import common
+from qtx.errors import UserError
 from qtx.models import build, dummy_inputs, model_config
 from qtx.nn import AttentionConfig, Gate
 from qtx.quant.estimators import percentile
@@ -264,3 +268,69 @@ def test_given_text_files_are_mixed_into_the_lm_source():
     g.data.text_files = "/data/x.txt"
     with pytest.raises(ValueError, match="text_files must be None for task 'classification'"):
         resolve_spec(g.data, "classification")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config_modules() -> dict:
+    """Every experiment config file (a module of configs/ with ``get_config``) by name."""
+    out = {}
+    for p in sorted((ROOT / "configs").glob("*.py")):
+        module = importlib.import_module(f"configs.{p.stem}")
+        if hasattr(module, "get_config"):
+            out[p.stem] = module
+    return out
+
+
+def _mentioned_args(text: str) -> set[tuple[str, str]]:
+    """(config, arg) of every ``<config>.py:<arg>`` a text shows (``arg`` '' when none)."""
+    return set(re.findall(r"\b([a-z0-9_]+)\.py(?::([A-Za-z0-9]+(?:,[A-Za-z0-9]+)?))?", text))
+
+
+def test_parse_arg_is_one_grammar():
+    bits = ("W4A4", "W3A3", "W2A2")
+    assert common.parse_arg(None, "x") == (None, None)
+    assert common.parse_arg("", "x") == (None, None)
+    assert common.parse_arg("tiny", "x") == (None, "tiny")
+    assert common.parse_arg(None, "x", bits, combined=True) == ("W4A4", None)
+    assert common.parse_arg("W2A2", "x", bits, combined=True) == ("W2A2", None)
+    assert common.parse_arg("W2A2,tiny", "x", bits, combined=True) == ("W2A2", "tiny")
+    assert common.parse_arg("tiny", "x", bits, combined=True) == ("W4A4", "tiny")
+    assert common.parse_arg("minilm", "x", common.GLUE_TASKS, ("tiny", "minilm")) == (
+        "sst2",
+        "minilm",
+    )
+    refused = [("tny", (), False), (" tiny", (), False), ("W2A2,tiny", bits, False)]
+    refused += [("tiny,W2A2", bits, True), ("W2A2,W3A3", bits, True), ("W2A2,", bits, True)]
+    for bad, choices, combined in refused:
+        with pytest.raises(UserError, match=r"^config arg .* of configs/x\.py is invalid; al"):
+            common.parse_arg(bad, "x", choices, combined=combined)
+
+
+def test_every_config_refuses_a_bad_arg_in_one_sentence_and_takes_what_it_shows():
+    """Each config's bad ``:arg`` is the same sentence naming the file and every allowed arg;
+    each allowed arg, and each ``<config>.py:<arg>`` its docstring or the README shows,
+    gives a config."""
+    modules = _config_modules()
+    assert len(modules) >= 20 and "common" not in modules and "qv_common" not in modules
+    shape = re.compile(
+        r"^config arg 'tny' of configs/(\w+)\.py is invalid; allowed: none "
+        r"\((the full recipe|= '[\w,]+')\)((, '[\w,]+')+)\.$"
+    )
+    shown = _mentioned_args((ROOT / "README.md").read_text())
+    for module in modules.values():
+        shown |= _mentioned_args(module.__doc__)
+    for name, module in modules.items():
+        with pytest.raises(UserError) as e:
+            module.get_config("tny")
+        m = shape.match(str(e.value))
+        assert m and m.group(1) == name, str(e.value)
+        allowed = re.findall(r"'([\w,]+)'", m.group(3))
+        assert "tiny" in allowed, name
+        for arg in (None, "", *allowed):
+            assert len(module.get_config(arg).to_dict()) > 5, (name, arg)
+        for config, arg in shown:
+            if config == name:
+                assert arg in ("", *allowed), (name, arg)
+                module.get_config(arg or None)

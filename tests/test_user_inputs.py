@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from configs import common
+from configs import bert_glue_os, common
 from qtx.errors import UserError
 from qtx.run import experiment
 from qtx.run.prepare import prepare
@@ -135,15 +135,15 @@ def test_an_unused_quant_override_is_named_at_the_start(capsys):
 
 
 def shipped_configs():
-    for name, args in {
-        "opt_clm": [("gated", None), ("gated", "tiny")],
-        "bert_mlm": [("gated", None), ("gated", "tiny")],
-        "vit_image": [("gated", None), ("gated", "tiny")],
-        "bert_glue": [(None,), ("tiny",)],
-        "bert_glue_os": [("tiny",), ("minilm",)],
-    }.items():
+    for name, build, args in (
+        ("opt_clm", common.opt_clm, [("gated", None), ("gated", "tiny")]),
+        ("bert_mlm", common.bert_mlm, [("gated", None), ("gated", "tiny")]),
+        ("vit_image", common.vit_image, [("gated", None), ("gated", "tiny")]),
+        ("bert_glue", common.bert_glue, [(None,), ("tiny",)]),
+        ("bert_glue_os", bert_glue_os.get_config, [("tiny",), ("minilm",)]),
+    ):
         for a in args:
-            yield name, a, getattr(common, name)(*a)
+            yield name, a, build(*a)
 
 
 @pytest.mark.parametrize("name, args, c", list(shipped_configs()))
@@ -166,12 +166,16 @@ def test_data_max_eval_batches_caps_the_eval_during_training_and_in_eval():
 
 
 def test_os_tiny_is_a_small_slice_of_the_minilm_table():
-    tiny = experiment.load(common.bert_glue_os("tiny"))
-    full = experiment.load(common.bert_glue_os("minilm"))
+    tiny = experiment.load(bert_glue_os.get_config("tiny"))
+    full = experiment.load(bert_glue_os.get_config("minilm"))
     assert len(tiny.eval_cells()) == 6 and len(full.eval_cells()) == 18
     assert tiny.train["steps"] < full.train["steps"] // 5
-    with pytest.raises(UserError, match=r"allowed: tiny, minilm, sst2"):
-        common.bert_glue_os("mini")
+    with pytest.raises(
+        UserError,
+        match=r"^config arg 'mini' of configs/bert_glue_os.py is invalid; allowed: none "
+        r"\(= 'sst2'\), 'sst2', .*'stsb', 'tiny', 'minilm'\.$",
+    ):
+        bert_glue_os.get_config("mini")
 
 
 def test_summary_line(tmp_path):

@@ -18,6 +18,8 @@ import re
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from qtx.models.family import family_record
+
 
 def _plt():
     import matplotlib
@@ -184,9 +186,12 @@ def attention_mass(attention, batch: dict, special_ids, family: str) -> np.ndarr
         raise RuntimeError("no attention probabilities were collected.")
     probs0 = layers[min(layers)]
     b, _, t, s = probs0.shape
-    if family == "swin":
-        raise ValueError("Swin has no class or special token, so no no-op attention mass.")
-    if family == "vit":
+    keys = family_record(family).noop_tokens
+    if not keys:
+        raise ValueError(
+            f"family {family!r} has no class or special token, so no no-op attention mass."
+        )
+    if keys == "class":
         key_mask = np.zeros((b, s), bool)
         key_mask[:, 0] = True
         query_mask = np.ones((b, t), bool)

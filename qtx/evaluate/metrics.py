@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+import jax
 import numpy as np
 
+from qtx.data.glue import glue_task
 from qtx.errors import UserError
 from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.train.mesh import fetch
+from qtx.train.steps import make_eval_step
 
 GLUE_HEADLINE = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}  # else accuracy
 
@@ -41,7 +44,6 @@ def glue_task_of(exp) -> str | None:
     name = str(exp.data.get("name") or "")
     if exp.task != "classification" or not (name.startswith("glue/") or name == "sst2_local"):
         return None
-    from qtx.data.glue import glue_task
 
     return glue_task(name)
 
@@ -131,3 +133,24 @@ def run_eval(
         if glue_task == "stsb":  # a regression: no classes to be correct about
             out.pop("accuracy", None)
     return out
+
+
+def make_evaluate(
+    model,
+    family: str,
+    task: str,
+    batches: Callable[[], Iterable[dict]],
+    to_device: Callable = lambda b: b,
+    glue_task: str | None = None,
+    outliers: bool = False,
+) -> Callable[..., dict]:
+    """``evaluate(variables, accumulator=None) -> metrics``: :func:`run_eval` of ``model``'s
+    jitted eval step (``qtx.train.steps.make_eval_step``, compiled once) over a fresh
+    ``batches()`` per call. ``outliers``: the step also returns the ``intermediates`` the
+    model sows, fed to the ``accumulator`` (an :class:`OutlierAccumulator`)."""
+    step = jax.jit(make_eval_step(model, family, task, ("intermediates",) if outliers else ()))
+
+    def evaluate(variables, accumulator: OutlierAccumulator | None = None) -> dict:
+        return run_eval(step, variables, batches(), task, to_device, accumulator, glue_task)
+
+    return evaluate

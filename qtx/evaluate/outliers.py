@@ -16,35 +16,17 @@ import re
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-_L = r"^(stage_\d+/)?layer_\d+/"  # Swin nests its layers in stages
-# family -> (kurtosis tensors, inf-norm tensors), as regexes over point names.
-TRACKED = {
-    "bert": ((_L + r"(ffn/out|ffn_ln/out)$",), (_L + r"(ffn/out|ffn_ln/out|residual_ffn)$",)),
-    "opt": (
-        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
-        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
-    ),
-    "vit": (
-        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
-        (_L + r"(residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out)$", r"^final_ln/out$"),
-    ),
-}
-TRACKED["roberta"] = TRACKED["bert"]
-TRACKED["swin"] = TRACKED["vit"]
-# The tensor the papers' headline inf norm most likely refers to (docs/methods.md §1).
-HEADLINE = {
-    "bert": r"ffn/out$",
-    "roberta": r"ffn/out$",
-    "opt": r"residual_ffn$",
-    "vit": r"residual_ffn$",
-    "swin": r"residual_ffn$",
-}
+from qtx.models.family import family_record
+
+# The tensors of each family (``Family.kurtosis_points``, ``inf_norm_points``: regexes over
+# point names) and the one the papers' headline inf norm most likely refers to
+# (``Family.headline_point``, docs/methods.md §1) are in the family records.
 
 
 def track_patterns(family: str) -> tuple[str, ...]:
     """Point patterns to put in ``QuantPlan.track`` for ``family``."""
-    kurt, inf = TRACKED[family]
-    return tuple(sorted(set(kurt) | set(inf)))
+    rec = family_record(family)
+    return tuple(sorted(set(rec.kurtosis_points) | set(rec.inf_norm_points)))
 
 
 class OutlierAccumulator:
@@ -72,7 +54,8 @@ class OutlierAccumulator:
 
     def summary(self) -> dict:
         """``{"max_inf_norm", "avg_kurtosis", "headline_inf_norm", "per_layer": {...}}``."""
-        kurt_pat, inf_pat = TRACKED[self.family]
+        rec = family_record(self.family)
+        kurt_pat, inf_pat = rec.kurtosis_points, rec.inf_norm_points
         per = {}
         for name, s in sorted(self.sums.items()):
             n = max(self.counts.get(name, 0), 1)
@@ -82,7 +65,7 @@ class OutlierAccumulator:
             return [v[metric] for k, v in per.items() if any(re.search(p, k) for p in pats)]
 
         infs, kurts = pick(inf_pat, "inf_norm"), pick(kurt_pat, "kurtosis")
-        head = pick((HEADLINE[self.family],), "inf_norm")
+        head = pick((rec.headline_point,), "inf_norm")
         return {
             "max_inf_norm": float(max(infs)) if infs else float("nan"),
             "avg_kurtosis": float(np.mean(kurts)) if kurts else float("nan"),

@@ -25,13 +25,19 @@ def with_quantizer_params(cfg: ModelConfig, plan: quant.QuantPlan, params) -> di
     model = build(cfg, plan.with_mode("calibrate"))
     fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))["params"]
     fresh = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), fresh)
-    return merge_pretrained(fresh, params, new_ok=(r"/(step|offset)$",), droppable=())
+    return merge_pretrained(fresh, params, new_ok=(quant.QUANTIZER_PARAM_PATTERN,), droppable=())
 
 
 def calibrate_setup(
     cfg: ModelConfig, plan: quant.QuantPlan, params, batches: Sequence[dict]
 ) -> dict:
-    """Variables (params + frozen ``quant_stats``) of ``plan`` calibrated on ``batches``."""
+    """Variables (params + frozen ``quant_stats``) of ``plan`` calibrated on ``batches``: the
+    model in ``calibrate`` mode accumulates each point's range over the batches, and LSQ/LSQ+
+    steps and offsets start from the ranges (``quant.init_learnable``).
+
+    ``params`` may lack the quantizer parameters (trained in full precision) or hold them
+    (trained with the plan's quantizers). On several processes ``batches`` should be global
+    device arrays (``global_batch``), so that every process computes the same statistics."""
     variables = {"params": with_quantizer_params(cfg, plan, params)}
     cal = build(cfg, plan.with_mode("calibrate"))
     variables = quant.calibrate(

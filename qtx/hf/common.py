@@ -5,16 +5,19 @@ vanilla model as an :class:`Entry` pairing its flax path (``("layer_0", "attn", 
 "kernel")``) with its *canonical* HF key, i.e. the key with the base-model prefix
 (``bert.``, ``roberta.``, ``model.decoder.``, ``vit.``, ``deit.``) removed. Head keys
 (``cls.``, ``lm_head.``, ``classifier.``) never carry that prefix. The same table drives
-loading (HF -> qtx) and export (qtx -> HF).
+loading (HF -> qtx) and export (qtx -> HF). ``original_*`` build the layouts of the
+original-format (timm) files, an :class:`OriginalFormat` of the families that have them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
 from qtx.errors import UserError
+from qtx.models.config import ModelConfig
 
 ACTIVATIONS_FROM_HF = {
     "gelu": "gelu",
@@ -64,6 +67,73 @@ def attention_block(i: int, hf: str, q: str, k: str, v: str, o: str, bias: bool)
     for ours, name in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
         out += dense(f"layer_{i}/attn/{ours}", f"{hf}.{name}", bias)
     return out
+
+
+# One parameter of an original-format (timm) checkpoint: (flax path, key, kind, part), part
+# being the q / k / v third (0, 1, 2) of a fused ``qkv`` tensor or None.
+OriginalEntry = tuple[tuple[str, ...], str, str, int | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalFormat:
+    """A family's checkpoints in its original repository's format (timm and the like),
+    read by :mod:`qtx.hf.original`: ``layout(cfg, keys)`` lists every parameter of the vanilla
+    ``cfg`` (``keys``: the file's keys, to tell spellings apart; empty when writing);
+    ``check_buffer(cfg, key, value)`` raises on a buffer (``relative_position_index``) that
+    disagrees with ``cfg`` (None: buffers are dropped unchecked)."""
+
+    names: str  # the models, for messages ("ViT, DeiT")
+    layout: Callable[[ModelConfig, set], list[OriginalEntry]]
+    check_buffer: Callable[[ModelConfig, str, np.ndarray], None] | None = None
+
+
+def original_linear(
+    ours: str, key: str, bias: bool = True, part: int | None = None
+) -> list[OriginalEntry]:
+    """A Linear ``key.weight`` / ``key.bias`` (``part``: its third of a fused qkv)."""
+    p = tuple(ours.split("/"))
+    out = [(p + ("kernel",), f"{key}.weight", "linear", part)]
+    if bias:
+        out.append((p + ("bias",), f"{key}.bias", "copy", part))
+    return out
+
+
+def original_norm(ours: str, key: str) -> list[OriginalEntry]:
+    """A LayerNorm ``key.weight`` / ``key.bias``."""
+    p = tuple(ours.split("/"))
+    return [
+        (p + ("scale",), f"{key}.weight", "copy", None),
+        (p + ("bias",), f"{key}.bias", "copy", None),
+    ]
+
+
+def original_block(cfg: ModelConfig, ours: str, key: str) -> list[OriginalEntry]:
+    """timm's ``Block``: norm1, attn.qkv (split into q, k, v unless ``cfg.fused_qkv``),
+    attn.proj, norm2, mlp.fc1, mlp.fc2."""
+    out = original_norm(f"{ours}/attn_ln", f"{key}.norm1")
+    if cfg.fused_qkv:
+        out += original_linear(f"{ours}/attn/qkv_proj", f"{key}.attn.qkv", cfg.use_bias)
+    else:
+        for i, n in enumerate("qkv"):
+            out += original_linear(f"{ours}/attn/{n}_proj", f"{key}.attn.qkv", cfg.use_bias, i)
+    out += original_linear(f"{ours}/attn/o_proj", f"{key}.attn.proj", cfg.use_bias)
+    out += original_norm(f"{ours}/ffn_ln", f"{key}.norm2")
+    out += original_linear(f"{ours}/ffn/fc1", f"{key}.mlp.fc1", cfg.use_bias)
+    out += original_linear(f"{ours}/ffn/fc2", f"{key}.mlp.fc2", cfg.use_bias)
+    return out
+
+
+def original_patch_embed() -> list[OriginalEntry]:
+    """timm's ``patch_embed.proj`` convolution."""
+    return [
+        (("embed", "patch", "kernel"), "patch_embed.proj.weight", "conv", None),
+        (("embed", "patch", "bias"), "patch_embed.proj.bias", "copy", None),
+    ]
+
+
+def original_head(keys) -> str:
+    """The classifier's key: ``head.fc`` (timm >= 0.9) where the file has it, else ``head``."""
+    return "head.fc" if "head.fc.weight" in keys else "head"
 
 
 def to_ours(kind: str, x: np.ndarray) -> np.ndarray:

@@ -39,7 +39,9 @@ from qtx.hf.common import (
 )
 from qtx.models.config import ModelConfig
 
-MODEL_TYPES = ("bert", "roberta")
+MODEL_TYPES = {"bert": "bert", "roberta": "roberta"}
+BASE_MODELS = {"bert": "BertModel", "roberta": "RobertaModel"}
+ORIGINAL_FORMAT = None
 ARCHITECTURES = {
     "BertModel": "none",
     "BertForMaskedLM": "mlm",
@@ -178,6 +180,16 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     if cfg.family == "roberta" and cfg.head == "mlm" and cfg.activation != "gelu":
         out.append(f"config.model.activation={cfg.activation!r} with a RoBERTa MLM head")
     return out
+
+
+def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
+    """RoBERTa's ``pad_token_id`` sets its position ids, so it must equal the checkpoint's."""
+    if cfg.family == "roberta" and cfg.pad_token_id != ckpt_cfg.pad_token_id:
+        return [
+            f"config.model.pad_token_id={cfg.pad_token_id} (checkpoint: "
+            f"{ckpt_cfg.pad_token_id}; it sets RoBERTa's position ids)"
+        ]
+    return []
 
 
 def architecture(cfg: ModelConfig) -> str:

@@ -31,7 +31,9 @@ from qtx.hf.common import (
 )
 from qtx.models.config import ModelConfig
 
-MODEL_TYPES = ("opt",)
+MODEL_TYPES = {"opt": "opt"}
+BASE_MODELS = {"opt": "OPTModel"}
+ORIGINAL_FORMAT = None
 ARCHITECTURES = {"OPTModel": "none", "OPTForCausalLM": "clm"}
 OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -117,6 +119,10 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     if cfg.ln_eps != 1e-5:
         out.append(f"config.model.ln_eps={cfg.ln_eps} (HF OPT uses 1e-5)")
     return out
+
+
+def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
+    return []
 
 
 def architecture(cfg: ModelConfig) -> str:

@@ -29,17 +29,25 @@ from qtx.errors import UserError
 from qtx.hf.common import (
     ACTIVATIONS_TO_HF,
     Entry,
+    OriginalEntry,
+    OriginalFormat,
     activation_from_hf,
     dense,
     layer_norm,
     num_labels_from_hf,
+    original_block,
+    original_head,
+    original_linear,
+    original_norm,
+    original_patch_embed,
     strip_prefix,
     unsupported,
 )
 from qtx.models.config import ModelConfig
 from qtx.models.swin import relative_position_index, stage_blocks
 
-MODEL_TYPES = ("swin",)
+MODEL_TYPES = {"swin": "swin"}
+BASE_MODELS = {"swin": "SwinModel"}
 ARCHITECTURES = {"SwinModel": "none", "SwinForImageClassification": "classification"}
 # newer transformers spelling -> the hub's
 _RENAMES = (
@@ -183,6 +191,10 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     return [] if cfg.use_bias else ["config.model.use_bias=False"]
 
 
+def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
+    return []
+
+
 def architecture(cfg: ModelConfig) -> str:
     return "SwinForImageClassification" if cfg.head != "none" else "SwinModel"
 
@@ -216,3 +228,45 @@ def hf_config(cfg: ModelConfig):
     )
     c.architectures = [architecture(cfg)]
     return c
+
+
+def original_layout(cfg: ModelConfig, keys) -> list[OriginalEntry]:
+    """microsoft/Swin-Transformer / timm keys (see :mod:`qtx.hf.original`); timm >= 0.9
+    keeps stage s's patch merging in ``layers.{s+1}.downsample``."""
+    out = original_patch_embed()
+    out += original_norm("embed/ln", "patch_embed.norm")
+    shifted = "layers.0.downsample.reduction.weight" not in keys  # timm >= 0.9
+    for s, depth in enumerate(cfg.depths):
+        for j in range(depth):
+            key = f"layers.{s}.blocks.{j}"
+            out += original_block(cfg, f"stage_{s}/layer_{j}", key)
+            table = f"{key}.attn.relative_position_bias_table"
+            out.append(((f"stage_{s}", f"layer_{j}", "rel_pos", "table"), table, "copy", None))
+        if s < len(cfg.depths) - 1:
+            d = f"layers.{s + 1 if shifted else s}.downsample"
+            out += original_norm(f"stage_{s}/merge/ln", f"{d}.norm")
+            out += original_linear(f"stage_{s}/merge/reduction", f"{d}.reduction", bias=False)
+    out += original_norm("final_ln", "norm")
+    if cfg.head == "classification":
+        out += original_linear("classifier/dense", original_head(keys))
+    return out
+
+
+def check_original_buffer(cfg: ModelConfig, key: str, value) -> None:
+    """A block's ``relative_position_index`` must equal qtx's (shift masks are recomputed)."""
+    m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index$", key)
+    if not m or int(m.group(1)) >= len(cfg.depths):
+        return
+    windows = [w for _, w, _, _ in stage_blocks(cfg)]
+    i = int(np.cumsum((0,) + tuple(cfg.depths))[int(m.group(1))]) + int(m.group(2))
+    want = relative_position_index(windows[i]) if i < len(windows) else None
+    if want is not None and np.array_equal(np.asarray(value).ravel(), want.ravel()):
+        return
+    raise UserError(
+        f"checkpoint key {key!r} holds another relative position index than "
+        f"config.model.window_size={cfg.window_size} gives; the checkpoint's window or "
+        "stages do not match."
+    )
+
+
+ORIGINAL_FORMAT = OriginalFormat("Swin", original_layout, check_original_buffer)

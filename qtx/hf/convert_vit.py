@@ -27,17 +27,25 @@ import numpy as np
 from qtx.hf.common import (
     ACTIVATIONS_TO_HF,
     Entry,
+    OriginalEntry,
+    OriginalFormat,
     activation_from_hf,
     attention_block,
     dense,
     layer_norm,
     num_labels_from_hf,
+    original_block,
+    original_head,
+    original_linear,
+    original_norm,
+    original_patch_embed,
     strip_prefix,
     unsupported,
 )
 from qtx.models.config import ModelConfig
 
-MODEL_TYPES = ("vit", "deit")
+MODEL_TYPES = {"vit": "vit", "deit": "vit"}
+BASE_MODELS = {"vit": "ViTModel", "deit": "DeiTModel"}
 ARCHITECTURES = {
     "ViTModel": "none",
     "ViTForImageClassification": "classification",
@@ -170,6 +178,10 @@ def export_problems(cfg: ModelConfig) -> list[str]:
     return out
 
 
+def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
+    return []
+
+
 def architecture(cfg: ModelConfig) -> str:
     if cfg.distillation_token:
         return "DeiTForImageClassificationWithTeacher" if cfg.head != "none" else "DeiTModel"
@@ -205,3 +217,23 @@ def hf_config(cfg: ModelConfig):
     )
     c.architectures = [architecture(cfg)]
     return c
+
+
+def original_layout(cfg: ModelConfig, keys) -> list[OriginalEntry]:
+    """timm / facebookresearch/deit keys (see :mod:`qtx.hf.original`)."""
+    out = original_patch_embed()
+    out.append((("embed", "cls"), "cls_token", "copy", None))
+    if cfg.distillation_token:
+        out.append((("embed", "dist"), "dist_token", "copy", None))
+    out.append((("embed", "position", "embedding"), "pos_embed", "copy", None))
+    for i in range(cfg.num_layers):
+        out += original_block(cfg, f"layer_{i}", f"blocks.{i}")
+    out += original_norm("final_ln", "norm")
+    if cfg.head == "classification":
+        out += original_linear("classifier/dense", original_head(keys))
+        if cfg.distillation_token:
+            out += original_linear("dist_classifier/dense", "head_dist")
+    return out
+
+
+ORIGINAL_FORMAT = OriginalFormat("ViT, DeiT", original_layout)

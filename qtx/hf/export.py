@@ -24,7 +24,8 @@ from flax.traverse_util import flatten_dict
 from qtx.errors import UserError
 from qtx.hf import io, variants
 from qtx.hf.common import ACTIVATIONS_TO_HF, to_hf
-from qtx.hf.load import CONVERTERS, full_layout
+from qtx.hf.converter import converter
+from qtx.hf.load import full_layout
 from qtx.models.config import ModelConfig
 
 
@@ -37,12 +38,12 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         out.append(f"config.model.activation={cfg.activation!r}")
     if cfg.gamma_migrated:  # non-scaling LayerNorms: export the parameters before migration
         out.append("config.model.gamma_migrated=True")
-    return out + CONVERTERS[cfg.family].export_problems(cfg)
+    return out + converter(cfg.family).export_problems(cfg)
 
 
 def state_dict_to_hf(cfg: ModelConfig, params: Mapping) -> dict[str, np.ndarray]:
     """HF state dict (torch layout, full keys of ``architecture(cfg)``) of ``params``."""
-    module = CONVERTERS[cfg.family]
+    module = converter(cfg.family)
     flat = flatten_dict(dict(params))
     entries = full_layout(cfg)
     known = {e.ours for e in entries}
@@ -70,14 +71,14 @@ def export(path, cfg: ModelConfig, variables: Mapping) -> str:
     if problems:
         raise UserError(
             f"cannot export to Hugging Face: {', '.join(problems)} has no equivalent in HF's "
-            f"{CONVERTERS[cfg.family].architecture(cfg)}; use qtx's own (orbax) checkpoints, "
+            f"{converter(cfg.family).architecture(cfg)}; use qtx's own (orbax) checkpoints, "
             "which keep these settings and their parameters."
         )
     params = variables["params"] if "params" in variables else variables
     tensors = state_dict_to_hf(cfg, params)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    hf_config = CONVERTERS[cfg.family].hf_config(cfg)
+    hf_config = converter(cfg.family).hf_config(cfg)
     if variants.is_variant(cfg):
         config = variants.remote_config(cfg, hf_config.to_dict())
         with open(os.path.join(path, "config.json"), "w") as f:

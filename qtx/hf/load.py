@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -23,33 +22,26 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx.errors import UserError
-from qtx.hf import convert_bert, convert_opt, convert_swin, convert_vit, io, variants
+from qtx.hf import io, variants
 from qtx.hf.common import Entry, to_ours
-from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
+from qtx.hf.converter import converter, converter_of_model_type, model_types
+from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.family import family_record
 from qtx.models.registry import build, dummy_inputs
 from qtx.quant import QuantPlan
-
-CONVERTERS: dict[str, ModuleType] = {
-    "bert": convert_bert,
-    "roberta": convert_bert,
-    "opt": convert_opt,
-    "vit": convert_vit,
-    "swin": convert_swin,
-}
-_BY_MODEL_TYPE = {mt: m for m in set(CONVERTERS.values()) for mt in m.MODEL_TYPES}
 
 
 def full_layout(cfg: ModelConfig) -> list[Entry]:
     """The family's layout of ``cfg`` plus the gate parameters of its attention variant."""
-    layout = CONVERTERS[cfg.family].layout(cfg)
+    layout = converter(cfg.family).layout(cfg)
     return layout + variants.gate_entries(cfg, layout)
 
 
 def _hf_config_object(d: dict):
-    if d.get("model_type") not in _BY_MODEL_TYPE:
+    if converter_of_model_type(str(d.get("model_type"))) is None:
         raise UserError(
             f"Hugging Face model_type={d.get('model_type')!r} is not supported; allowed: "
-            f"{', '.join(sorted(_BY_MODEL_TYPE))}."
+            f"{', '.join(model_types())}."
         )
     from transformers import AutoConfig
 
@@ -80,7 +72,7 @@ def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
         hf_config = hf_config.to_dict()
     d, attention = variants.native_config(hf_config)
     c = _hf_config_object(d)
-    module = _BY_MODEL_TYPE[c.model_type]
+    module = converter_of_model_type(c.model_type)
     arch, head = _arch_and_head(c, module, head)
     cfg = module.config_from_hf(c, arch, head)
     return cfg if attention is None else cfg.replace(attention=attention)
@@ -90,8 +82,7 @@ def _convert(sd: Mapping, cfg: ModelConfig):
     """``(flat params, {path: hf key}, {paths of head entries})`` of the vanilla ``cfg``
     model; raises on checkpoint keys that map to nothing and on parameters left without a
     checkpoint value."""
-    module = CONVERTERS[cfg.family]
-    sd, _ = module.canonical(dict(sd), cfg)
+    sd, _ = converter(cfg.family).canonical(dict(sd), cfg)
     layout = full_layout(cfg)
     entries = {e.hf: e for e in layout}
     unknown = sorted(k for k in sd if k not in entries)
@@ -120,9 +111,10 @@ def params_from_hf(family: str, state_dict: Mapping, cfg: ModelConfig) -> dict:
     """Nested flax params of the vanilla ``cfg`` model from a HF state dict (numpy arrays in
     torch layout; base prefixes optional). Every key must map and every parameter must be
     present, else ValueError naming them."""
-    family = "vit" if family == "deit" else family
-    if family != cfg.family:
-        raise UserError(f"family={family!r} does not match config.model.family={cfg.family!r}.")
+    conv = converter_of_model_type(family)  # an HF model_type such as deit names its family
+    name = conv.MODEL_TYPES[family] if conv is not None else family
+    if name != cfg.family:
+        raise UserError(f"family={name!r} does not match config.model.family={cfg.family!r}.")
     flat, _, _ = _convert(state_dict, cfg)
     return unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
@@ -182,7 +174,7 @@ def load(
     """
     hf = io.read_config(path)
     ckpt_cfg = config_from_hf(hf)
-    module = CONVERTERS[ckpt_cfg.family]
+    module = converter(ckpt_cfg.family)
     sd = io.read_state_dict(path)
     keys, _ = module.canonical(dict(sd), ckpt_cfg)
     if not hf.get("architectures"):  # e.g. a bare config.save_pretrained: the keys tell
@@ -273,32 +265,28 @@ def pretrained_params(path, cfg: ModelConfig) -> dict:
     """
     hf = io.read_config(path)
     ckpt_cfg = config_from_hf(hf)
-    module = CONVERTERS[ckpt_cfg.family]
+    module = converter(ckpt_cfg.family)
     sd = io.read_state_dict(path)
     keys, _ = module.canonical(dict(sd), ckpt_cfg)
     if not hf.get("architectures"):
         ckpt_cfg = config_from_hf(hf, head=module.infer_head(keys))
         keys, _ = module.canonical(dict(sd), ckpt_cfg)
     ckpt_cfg = module.refine(ckpt_cfg, keys)
-    if ckpt_cfg.family != cfg.family:
+    ours, theirs = cfg.family, ckpt_cfg.family
+    if theirs != ours:
         raise UserError(
-            f"config.init_from is a {ckpt_cfg.family} checkpoint; "
-            f"config.model.name is a {cfg.family} model."
+            f"config.init_from is a {theirs} checkpoint; config.model.name is a {ours} model."
         )
     diffs = [
         f"config.model.{f}={getattr(cfg, f)!r} (checkpoint: {getattr(ckpt_cfg, f)!r})"
         for f in ARCHITECTURE_FIELDS
         if getattr(cfg, f) != getattr(ckpt_cfg, f)
     ]
-    if cfg.family not in IMAGE_FAMILIES and cfg.vocab_size != ckpt_cfg.vocab_size:
+    if not family_record(ours).images and cfg.vocab_size != ckpt_cfg.vocab_size:
         diffs.append(
             f"config.model.vocab_size={cfg.vocab_size} (checkpoint: {ckpt_cfg.vocab_size})"
         )
-    if cfg.family == "roberta" and cfg.pad_token_id != ckpt_cfg.pad_token_id:
-        diffs.append(
-            f"config.model.pad_token_id={cfg.pad_token_id} (checkpoint: "
-            f"{ckpt_cfg.pad_token_id}; it sets RoBERTa's position ids)"
-        )
+    diffs += module.pretrained_problems(cfg, ckpt_cfg)
     if diffs:
         raise UserError(
             f"the checkpoint at {path} has another architecture: " + "; ".join(diffs) + "."

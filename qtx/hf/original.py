@@ -2,7 +2,9 @@
 microsoft/Swin-Transformer): fused ``qkv`` projections split into q, k and v, strictly.
 
 These files carry no config, so the architecture is the configured model's
-(``config.model.name`` and overrides). Mapping (timm key -> flax path)::
+(``config.model.name`` and overrides). A family's converter says whether it has such files
+(``ORIGINAL_FORMAT``: ``convert_vit.original_layout``, ``convert_swin.original_layout``).
+Mapping (timm key -> flax path)::
 
     ViT / DeiT: cls_token, dist_token, pos_embed          embed/cls, embed/dist, embed/position
                 patch_embed.proj                          embed/patch
@@ -34,7 +36,8 @@ from flax.traverse_util import unflatten_dict
 
 from qtx.errors import UserError
 from qtx.hf import io
-from qtx.hf.common import to_hf, to_ours
+from qtx.hf.common import OriginalEntry, OriginalFormat, to_hf, to_ours
+from qtx.hf.converter import converter, converters
 from qtx.models.config import ModelConfig
 
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -84,91 +87,35 @@ def read(path: str) -> dict[str, np.ndarray]:
     return sd
 
 
-def _entries(cfg: ModelConfig, keys) -> list[tuple[tuple[str, ...], str, str, int | None]]:
-    """``(flax path, key, kind, qkv part)`` of every parameter of the vanilla ``cfg``."""
-    out = []
-
-    def linear(ours, key, bias=True, part=None):
-        p = tuple(ours.split("/"))
-        out.append((p + ("kernel",), f"{key}.weight", "linear", part))
-        if bias:
-            out.append((p + ("bias",), f"{key}.bias", "copy", part))
-
-    def norm(ours, key):
-        p = tuple(ours.split("/"))
-        out.extend([(p + ("scale",), f"{key}.weight", "copy", None)])
-        out.extend([(p + ("bias",), f"{key}.bias", "copy", None)])
-
-    def block(ours, key):
-        norm(f"{ours}/attn_ln", f"{key}.norm1")
-        if cfg.fused_qkv:
-            linear(f"{ours}/attn/qkv_proj", f"{key}.attn.qkv", cfg.use_bias)
-        else:
-            for i, n in enumerate("qkv"):
-                linear(f"{ours}/attn/{n}_proj", f"{key}.attn.qkv", cfg.use_bias, i)
-        linear(f"{ours}/attn/o_proj", f"{key}.attn.proj", cfg.use_bias)
-        norm(f"{ours}/ffn_ln", f"{key}.norm2")
-        linear(f"{ours}/ffn/fc1", f"{key}.mlp.fc1", cfg.use_bias)
-        linear(f"{ours}/ffn/fc2", f"{key}.mlp.fc2", cfg.use_bias)
-
-    out.append((("embed", "patch", "kernel"), "patch_embed.proj.weight", "conv", None))
-    out.append((("embed", "patch", "bias"), "patch_embed.proj.bias", "copy", None))
-    head = "head.fc" if "head.fc.weight" in keys else "head"
-    if cfg.family == "vit":
-        out.append((("embed", "cls"), "cls_token", "copy", None))
-        if cfg.distillation_token:
-            out.append((("embed", "dist"), "dist_token", "copy", None))
-        out.append((("embed", "position", "embedding"), "pos_embed", "copy", None))
-        for i in range(cfg.num_layers):
-            block(f"layer_{i}", f"blocks.{i}")
-    elif cfg.family == "swin":
-        norm("embed/ln", "patch_embed.norm")
-        shifted = "layers.0.downsample.reduction.weight" not in keys  # timm >= 0.9
-        for s, depth in enumerate(cfg.depths):
-            for j in range(depth):
-                key = f"layers.{s}.blocks.{j}"
-                block(f"stage_{s}/layer_{j}", key)
-                table = f"{key}.attn.relative_position_bias_table"
-                out.append(((f"stage_{s}", f"layer_{j}", "rel_pos", "table"), table, "copy", None))
-            if s < len(cfg.depths) - 1:
-                d = f"layers.{s + 1 if shifted else s}.downsample"
-                norm(f"stage_{s}/merge/ln", f"{d}.norm")
-                linear(f"stage_{s}/merge/reduction", f"{d}.reduction", bias=False)
-    else:
+def _format(cfg: ModelConfig) -> OriginalFormat:
+    """The original format of ``cfg``'s family (its converter's ``ORIGINAL_FORMAT``)."""
+    fmt = converter(cfg.family).ORIGINAL_FORMAT
+    if fmt is None:
+        names = [c.ORIGINAL_FORMAT.names for c in converters() if c.ORIGINAL_FORMAT is not None]
+        listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         raise UserError(
-            f"original-format checkpoints exist for ViT, DeiT and Swin; config.model.family="
+            f"original-format checkpoints exist for {listed}; config.model.family="
             f"{cfg.family!r} loads from a Hugging Face directory or a qtx workdir."
         )
-    norm("final_ln", "norm")
-    if cfg.head == "classification":
-        linear("classifier/dense", head)
-        if cfg.family == "vit" and cfg.distillation_token:
-            linear("dist_classifier/dense", "head_dist")
-    return out
+    return fmt
+
+
+def _entries(cfg: ModelConfig, keys) -> list[OriginalEntry]:
+    """``(flax path, key, kind, qkv part)`` of every parameter of the vanilla ``cfg``."""
+    return _format(cfg).layout(cfg, keys)
 
 
 _BUFFERS = re.compile(r"(relative_position_index|attn_mask)$")
 
 
 def _check_buffers(sd: dict, cfg: ModelConfig) -> None:
-    """Relative position indices must equal qtx's; shift masks are recomputed, so dropped."""
-    from qtx.models.swin import relative_position_index, stage_blocks
-
-    windows = [w for _, w, _, _ in stage_blocks(cfg)] if cfg.family == "swin" else []
-    starts = np.cumsum((0,) + tuple(cfg.depths))
+    """Relative position indices must equal qtx's (the format's ``check_buffer``); shift
+    masks are recomputed, so dropped."""
+    check = _format(cfg).check_buffer
     for key in [k for k in sd if _BUFFERS.search(k)]:
         value = sd.pop(key)
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index$", key)
-        if m and int(m.group(1)) < len(cfg.depths):
-            i = starts[int(m.group(1))] + int(m.group(2))
-            want = relative_position_index(windows[i]) if i < len(windows) else None
-            if want is not None and np.array_equal(np.asarray(value).ravel(), want.ravel()):
-                continue
-            raise UserError(
-                f"checkpoint key {key!r} holds another relative position index than "
-                f"config.model.window_size={cfg.window_size} gives; the checkpoint's window or "
-                "stages do not match."
-            )
+        if check is not None:
+            check(cfg, key, value)
 
 
 def params_from_original(sd: dict, cfg: ModelConfig) -> dict:

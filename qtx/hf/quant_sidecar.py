@@ -30,7 +30,8 @@ from qtx import quant
 from qtx.errors import UserError
 from qtx.hf import io
 from qtx.hf.common import to_hf
-from qtx.hf.load import CONVERTERS, full_layout
+from qtx.hf.converter import converter
+from qtx.hf.load import full_layout
 from qtx.models import ModelConfig, build, dummy_inputs
 from qtx.quant.estimators import estimate
 from qtx.quant.ranges import make_view, reduce, to_view
@@ -77,7 +78,7 @@ def build_sidecar(
     points = quant.list_points(model.apply, variables, **inputs)
     flat_params = flatten_dict(dict(variables["params"]))
     flat_stats = flatten_dict(dict(variables.get(quant.STATS, {})))
-    prefix = CONVERTERS[cfg.family].base_prefix(cfg)
+    prefix = converter(cfg.family).base_prefix(cfg)
     entries, tensors = {}, {}
     for name, (kind, shape) in points.items():
         spec, mode = plan.resolve(name, kind)
@@ -145,7 +146,7 @@ def build_sidecar(
     sidecar = {
         "format": "qtx-fake-quant",
         "version": 1,
-        "model_type": CONVERTERS[cfg.family].hf_config(cfg).model_type,
+        "model_type": converter(cfg.family).hf_config(cfg).model_type,
         "pre_ln": bool(cfg.pre_ln),
         "points": entries,
     }

@@ -6,7 +6,8 @@ exported with the PyTorch code in :mod:`qtx.hf.remote`: ``config.json`` gets
 * ``model_type`` ``qtx_<model_type>`` and ``architectures`` ``["Qtx<Architecture>"]``;
 * ``qtx_attention``: every :class:`~qtx.nn.attention.AttentionConfig` field;
 * ``auto_map``: ``AutoConfig`` and the ``AutoModel*`` classes, pointing into the shipped
-  ``configuration_qtx.py`` / ``modeling_qtx.py``.
+  ``configuration_qtx.py`` / ``modeling_qtx.py`` (``Qtx<Base>Config``, ``Qtx<Base>Model``
+  with ``<Base>Model`` the converter's ``BASE_MODELS[model_type]``).
 
 Gate parameters of layer ``i`` (in layout order) have the canonical keys ``qtx_gates.{i}.*``
 (under the base-model prefix, e.g. ``bert.qtx_gates.0.weight``), flax -> torch::
@@ -24,7 +25,9 @@ import dataclasses
 from collections.abc import Mapping
 
 from qtx.errors import UserError
+from qtx.hf import remote
 from qtx.hf.common import Entry
+from qtx.hf.converter import converter_of_model_type
 from qtx.models.config import ModelConfig
 from qtx.nn.attention import AttentionConfig
 
@@ -36,22 +39,6 @@ AUTO_CLASSES = {
     "ForCausalLM": "AutoModelForCausalLM",
     "ForImageClassification": "AutoModelForImageClassification",
     "ForImageClassificationWithTeacher": "AutoModelForImageClassification",
-}
-BASE_MODELS = {
-    "bert": "BertModel",
-    "roberta": "RobertaModel",
-    "opt": "OPTModel",
-    "vit": "ViTModel",
-    "deit": "DeiTModel",
-    "swin": "SwinModel",
-}
-CONFIG_CLASSES = {
-    "bert": "QtxBertConfig",
-    "roberta": "QtxRobertaConfig",
-    "opt": "QtxOPTConfig",
-    "vit": "QtxViTConfig",
-    "deit": "QtxDeiTConfig",
-    "swin": "QtxSwinConfig",
 }
 
 
@@ -103,10 +90,11 @@ def remote_config(cfg: ModelConfig, hf_dict: Mapping) -> dict:
     d = dict(hf_dict)
     model_type = d["model_type"]
     arch = d["architectures"][0]
-    suffix = arch[len(BASE_MODELS[model_type]) - len("Model") :]
+    base = converter_of_model_type(model_type).BASE_MODELS[model_type]  # "BertModel"
+    suffix = arch[len(base) - len("Model") :]
     auto_map = {
-        "AutoConfig": f"configuration_qtx.{CONFIG_CLASSES[model_type]}",
-        "AutoModel": f"modeling_qtx.Qtx{BASE_MODELS[model_type]}",
+        "AutoConfig": f"configuration_qtx.Qtx{base.removesuffix('Model')}Config",
+        "AutoModel": f"modeling_qtx.Qtx{base}",
     }
     if suffix in AUTO_CLASSES:
         auto_map[AUTO_CLASSES[suffix]] = f"modeling_qtx.Qtx{arch}"
@@ -143,6 +131,4 @@ def native_config(d: Mapping) -> tuple[dict, AttentionConfig | None]:
 
 def copy_remote_code(path: str) -> None:
     """Copies the PyTorch modeling code into the export directory ``path``."""
-    from qtx.hf import remote
-
     remote.copy_code(path)

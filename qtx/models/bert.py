@@ -16,10 +16,20 @@ classification head, whose dense + tanh is our pooler.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from qtx.models.config import ModelConfig
+from qtx.models.family import (
+    Family,
+    layer_points,
+    text_dummy_inputs,
+    text_inputs_with_token_types,
+    text_tokens,
+)
+from qtx.nn.heads import Classifier
 from qtx.nn.layers import Dense, Embed, LayerNorm
 from qtx.nn.transformer import ACTIVATIONS, run_layers
 from qtx.quant import QuantPlan, QuantPoint
@@ -133,21 +143,6 @@ class Pooler(nn.Module):
         return QuantPoint(p, name="out")(x)
 
 
-class Classifier(nn.Module):
-    """``dense(x)`` -> logits; points ``in``, ``dense/weight``, ``logits``."""
-
-    num_labels: int
-    plan: QuantPlan = QuantPlan()
-    kernel_init: object = nn.initializers.normal(0.02)
-    dtype: object = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = QuantPoint(self.plan, name="in", operand=True)(x)
-        x = Dense(self.num_labels, self.plan, True, self.kernel_init, self.dtype, name="dense")(x)
-        return QuantPoint(self.plan, name="logits")(x.astype(jnp.float32))
-
-
 class MLMHead(nn.Module):
     """``LN(act(dense(h))) @ E^T + b`` with the word embedding ``E`` (tied)."""
 
@@ -164,3 +159,19 @@ class MLMHead(nn.Module):
         logits = attend(h)
         logits = logits + self.param("bias", nn.initializers.zeros, (c.vocab_size,))
         return QuantPoint(p, name="logits")(logits.astype(jnp.float32), token_mask)
+
+
+BERT_FAMILY = Family(
+    name="bert",
+    module=Bert,
+    heads=("mlm", "classification", "none"),
+    tasks=("mlm", "classification"),
+    model_inputs=text_inputs_with_token_types,
+    dummy_inputs=text_dummy_inputs,
+    kurtosis_points=(layer_points("ffn/out|ffn_ln/out"),),
+    inf_norm_points=(layer_points("ffn/out|ffn_ln/out|residual_ffn"),),
+    headline_point=r"ffn/out$",
+    migrate_embed_ln=True,
+    tokens_per_example=text_tokens,
+)
+ROBERTA_FAMILY = dataclasses.replace(BERT_FAMILY, name="roberta")

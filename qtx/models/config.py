@@ -9,25 +9,14 @@ from typing import Any
 import jax.numpy as jnp
 
 from qtx.errors import UserError
+from qtx.models.family import family_record
 from qtx.nn.attention import ATTENTION_KERNELS, FINETUNE_GATE_STD, AttentionConfig
 from qtx.nn.transformer import ACTIVATIONS, REMAT_POLICIES, BlockConfig
 
-FAMILIES = ("bert", "roberta", "opt", "vit", "swin")
-IMAGE_FAMILIES = ("vit", "swin")  # models of images (B, H, W, C); the others read token ids
-HEADS = {
-    "bert": ("mlm", "classification", "none"),
-    "roberta": ("mlm", "classification", "none"),
-    "opt": ("clm", "none"),
-    "vit": ("classification", "none"),
-    "swin": ("classification", "none"),
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Attention projections that take PyTorch's default Linear init instead of N(0, init_std): the
 # reference code builds its attention modules after the model, so they keep that init.
 ATTENTION_PROJ_INITS = {"normal": "", "pytorch_qkv": "qkv", "pytorch_qkvo": "qkvo"}
-# Gate weight std in fine-tuning mode when unset, per family (the reference: OPT 0.001; the
-# others take the gate's own default, BERT's 0.01).
-FAMILY_FINETUNE_GATE_STD = {"opt": 0.001}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +73,11 @@ class ModelConfig:
                 f"config.model.{field}={getattr(self, field)!r} is invalid; allowed: {allowed}."
             )
 
-        if self.family not in FAMILIES:
-            bad("family", ", ".join(FAMILIES))
-        if self.family == "swin":
-            self._check_swin(bad)
-        if self.head not in HEADS[self.family]:
-            bad("head", ", ".join(HEADS[self.family]) + f" for family {self.family!r}")
+        family = family_record(self.family)
+        if family.check is not None:
+            family.check(self, bad)
+        if self.head not in family.heads:
+            bad("head", ", ".join(family.heads) + f" for family {self.family!r}")
         if self.activation not in ACTIVATIONS:
             bad("activation", ", ".join(ACTIVATIONS))
         if self.dtype not in DTYPES:
@@ -104,9 +92,9 @@ class ModelConfig:
         for f in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 bad(f, "a number in [0, 1)")
-        if self.family not in IMAGE_FAMILIES and self.vocab_size < 1:
+        if not family.images and self.vocab_size < 1:
             bad("vocab_size", "a positive integer")
-        if self.family in IMAGE_FAMILIES and self.image_size % self.patch_size:
+        if family.images and self.image_size % self.patch_size:
             bad("image_size", f"a multiple of patch_size={self.patch_size}")
 
         if self.num_labels < 1:
@@ -115,28 +103,10 @@ class ModelConfig:
             bad("attention_kernel", ", ".join(ATTENTION_KERNELS))
         if self.remat_policy not in REMAT_POLICIES:
             bad("remat_policy", ", ".join(REMAT_POLICIES))
-        if self.scan_layers and self.family == "swin":
-            bad("scan_layers", "False for family 'swin' (its stages differ in width)")
+        if self.scan_layers and family.no_scan:
+            bad("scan_layers", f"False for family {self.family!r} ({family.no_scan})")
         if self.scan_layers and self.gamma_migrated:
             bad("scan_layers", "False with gamma migration (each layer's shortcut differs)")
-
-    def _check_swin(self, bad):
-        for f in ("depths", "stage_heads"):
-            v = getattr(self, f)
-            if not isinstance(v, tuple):  # lists from a config file or the command line
-                object.__setattr__(self, f, tuple(int(x) for x in v))
-        depths, heads = self.depths, self.stage_heads
-        if not depths or min(depths) < 1:
-            bad("depths", "a non-empty tuple of positive integers (blocks per stage)")
-        if len(heads) != len(depths) or min(heads) < 1:
-            bad("stage_heads", f"{len(depths)} positive integers (one per stage of depths)")
-        for s, h in enumerate(heads):
-            if (self.hidden_size << s) % h:
-                bad("stage_heads", "divisors of the stage widths hidden_size * 2**stage")
-        if self.window_size < 1:
-            bad("window_size", "a positive integer")
-        object.__setattr__(self, "num_layers", sum(depths))
-        object.__setattr__(self, "num_heads", heads[0])
 
     @property
     def compute_dtype(self):
@@ -147,9 +117,10 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def block(self, **overrides) -> BlockConfig:
-        attention = self.attention
+        attention, family = self.attention, family_record(self.family)
         if attention.gate_finetune and attention.gate_init_std is None:
-            std = FAMILY_FINETUNE_GATE_STD.get(self.family, FINETUNE_GATE_STD)
+            std = family.finetune_gate_std
+            std = FINETUNE_GATE_STD if std is None else std
             attention = dataclasses.replace(attention, gate_init_std=std)
         return BlockConfig(
             hidden_size=self.hidden_size,
@@ -166,7 +137,7 @@ class ModelConfig:
             init_std=self.init_std,
             attention=attention,
             dtype=self.compute_dtype,
-            causal=self.family == "opt",
+            causal=family.causal,
             attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
             gamma_migrated=self.gamma_migrated,
             attention_kernel=self.attention_kernel,

@@ -1,8 +1,9 @@
-"""Models chosen by name: size presets, the family -> module map and dummy inputs.
+"""Models chosen by name: the registered families, size presets and dummy inputs.
 
 ``model_config("opt-125m", attention={"gate": "linear"})`` gives a :class:`ModelConfig`;
 ``build(cfg, plan)`` the Flax module. Sizes follow the papers (docs/methods.md §1, §3) and the
-public checkpoints; ``*-tiny`` sizes are for tests and CPU runs.
+public checkpoints; ``*-tiny`` sizes are for tests and CPU runs. Each family's record
+(:class:`~qtx.models.family.Family`) is defined beside its module and registered here.
 """
 
 from __future__ import annotations
@@ -11,16 +12,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.models.bert import Bert
-from qtx.models.config import IMAGE_FAMILIES, ModelConfig, model_config_from_dict
-from qtx.models.opt import OPT
+from qtx.models.bert import BERT_FAMILY, ROBERTA_FAMILY
+from qtx.models.config import ModelConfig, model_config_from_dict
+from qtx.models.family import family_record, register
+from qtx.models.opt import OPT_FAMILY
 from qtx.models.scan import ScannedModel
-from qtx.models.swin import Swin
-from qtx.models.vit import ViT
+from qtx.models.swin import SWIN_FAMILY
+from qtx.models.vit import VIT_FAMILY
 from qtx.quant import QuantPlan
+
+register(BERT_FAMILY)
+register(ROBERTA_FAMILY)
+register(OPT_FAMILY)
+register(VIT_FAMILY)
+register(SWIN_FAMILY)
 
 _BERT = dict(
     family="bert",
@@ -192,14 +199,6 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 
-MODULES: dict[str, type[nn.Module]] = {
-    "bert": Bert,
-    "roberta": Bert,
-    "opt": OPT,
-    "vit": ViT,
-    "swin": Swin,
-}
-
 
 def model_config(name: str, overrides: Mapping[str, Any] | None = None, **kw) -> ModelConfig:
     """The preset ``name`` with ``overrides`` (``attention`` may be a nested mapping)."""
@@ -218,14 +217,11 @@ def build(cfg: ModelConfig, plan: QuantPlan | None = None) -> nn.Module:
     plan = plan or QuantPlan()
     if cfg.scan_layers and plan.integer:
         cfg = cfg.replace(scan_layers=False)
-    module = MODULES[cfg.family](cfg, plan)
+    module = family_record(cfg.family).module(cfg, plan)
     return ScannedModel(module, cfg.num_layers) if cfg.scan_layers else module
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 2, seq_len: int = 8) -> dict[str, Any]:
-    """Keyword inputs for ``init``: token ids for text models, images for ViT."""
-    if cfg.family in IMAGE_FAMILIES:
-        shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
-        return {"images": jnp.zeros(shape, jnp.float32)}
-    ids = jnp.full((batch, min(seq_len, cfg.max_positions)), 2, jnp.int32)
-    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+    """Keyword inputs for ``init`` (the family's): token ids for text models, images for
+    ViT and Swin."""
+    return family_record(cfg.family).dummy_inputs(cfg, batch, seq_len)

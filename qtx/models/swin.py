@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtx.errors import UserError
-from qtx.models.bert import Classifier
 from qtx.models.config import ModelConfig
+from qtx.models.vit import VIT_FAMILY
 from qtx.nn.attention import MultiHeadAttention
+from qtx.nn.heads import Classifier
 from qtx.nn.layers import Dense, LayerNorm, PatchEmbed
 from qtx.nn.transformer import FFN, BlockConfig, drop_path
 from qtx.quant import QuantPlan, QuantPoint
@@ -277,3 +278,35 @@ class Swin(nn.Module):
                 pooled
             )
         return out
+
+
+def check_swin(cfg: ModelConfig, bad) -> None:
+    """Swin's stages: ``depths`` and ``stage_heads`` as tuples of positive integers, heads
+    dividing the stage widths; sets ``num_layers = sum(depths)``, ``num_heads = heads[0]``."""
+    for f in ("depths", "stage_heads"):
+        v = getattr(cfg, f)
+        if not isinstance(v, tuple):  # lists from a config file or the command line
+            object.__setattr__(cfg, f, tuple(int(x) for x in v))
+    depths, heads = cfg.depths, cfg.stage_heads
+    if not depths or min(depths) < 1:
+        bad("depths", "a non-empty tuple of positive integers (blocks per stage)")
+    if len(heads) != len(depths) or min(heads) < 1:
+        bad("stage_heads", f"{len(depths)} positive integers (one per stage of depths)")
+    for s, h in enumerate(heads):
+        if (cfg.hidden_size << s) % h:
+            bad("stage_heads", "divisors of the stage widths hidden_size * 2**stage")
+    if cfg.window_size < 1:
+        bad("window_size", "a positive integer")
+    object.__setattr__(cfg, "num_layers", sum(depths))
+    object.__setattr__(cfg, "num_heads", heads[0])
+
+
+SWIN_FAMILY = dataclasses.replace(
+    VIT_FAMILY,
+    name="swin",
+    module=Swin,
+    noop_tokens="",  # no class or special token
+    no_scan="its stages differ in width",
+    tokens_per_example=None,
+    check=check_swin,
+)

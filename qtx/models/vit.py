@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.models.bert import Classifier
 from qtx.models.config import ModelConfig
+from qtx.models.family import Family, image_dummy_inputs, image_inputs, layer_points
+from qtx.nn.heads import Classifier
 from qtx.nn.layers import LayerNorm, PatchEmbed
 from qtx.nn.transformer import run_layers
 from qtx.quant import QuantPlan, QuantPoint
@@ -105,3 +106,30 @@ class ViT(nn.Module):
                 logits = (logits + dist) / 2
             out["logits"] = logits
         return out
+
+
+def vit_tokens(cfg: ModelConfig, seq_len: int) -> int:
+    """Tokens of one image: patches + class (+ distillation) token."""
+    return cfg.num_patches + 1 + int(cfg.distillation_token)
+
+
+VIT_FAMILY = Family(
+    name="vit",
+    module=ViT,
+    heads=("classification", "none"),
+    tasks=("image",),
+    model_inputs=image_inputs,
+    dummy_inputs=image_dummy_inputs,
+    kurtosis_points=(
+        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
+        r"^final_ln/out$",
+    ),
+    inf_norm_points=(
+        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
+        r"^final_ln/out$",
+    ),
+    headline_point=r"residual_ffn$",
+    images=True,
+    noop_tokens="class",
+    tokens_per_example=vit_tokens,
+)

@@ -1,4 +1,4 @@
-"""Building blocks shared by all models: quantized layers, attention variants, blocks."""
+"""Building blocks shared by all models: quantized layers, attention variants, blocks, heads."""
 
 from qtx.nn.attention import (
     ATTENTION,
@@ -9,6 +9,7 @@ from qtx.nn.attention import (
     clipped_softmax,
     off_by_one_softmax,
 )
+from qtx.nn.heads import Classifier
 from qtx.nn.layers import Dense, Embed, LayerNorm, PatchEmbed
 from qtx.nn.transformer import FFN, BlockConfig, TransformerLayer, run_layers
 
@@ -17,6 +18,7 @@ __all__ = [
     "FFN",
     "AttentionConfig",
     "BlockConfig",
+    "Classifier",
     "Dense",
     "Embed",
     "Gate",

@@ -77,6 +77,18 @@ TOKENS = "quant_tokens"
 WEIGHTS = "quant_weights"
 INT = "quant_int"
 INTEGER_BITS = 8  # the widest grid the integer path holds (int8 codes)
+# the parameters a learnable point declares: params/<point>/step (and .../offset for LSQ+)
+QUANTIZER_PARAMS = ("step", "offset")
+# the same as a regex on "/"-joined parameter paths (``merge_pretrained``'s rules)
+QUANTIZER_PARAM_PATTERN = rf"/({'|'.join(QUANTIZER_PARAMS)})$"
+
+
+def is_quantizer_param(path) -> bool:
+    """Whether a parameter path (a key tuple, or a ``/``-joined string) is a learnable
+    point's step or offset."""
+    if isinstance(path, str):
+        path = path.split("/")
+    return path[-1] in QUANTIZER_PARAMS
 
 
 def token_extremes(x, head_axis: int | None = None):

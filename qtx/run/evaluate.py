@@ -25,13 +25,16 @@ import os
 
 import jax
 
-from qtx import quant
+from qtx import hf, quant
 from qtx.errors import UserError
 from qtx.evaluate import figures
 from qtx.evaluate.integer import evaluate_integer
-from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval, scores
+from qtx.evaluate.metrics import glue_task_of, headline_metric, make_evaluate, scores
 from qtx.evaluate.outliers import OutlierAccumulator
+from qtx.methods import registry as methods
+from qtx.methods.quant_variation import COLLECTION, analysis
 from qtx.models import build, dummy_inputs
+from qtx.models.family import family_record
 from qtx.nn import ATTENTION
 from qtx.run.experiment import check_workdir
 from qtx.run.prepare import prepare, say
@@ -43,7 +46,6 @@ from qtx.train.mesh import (
     global_batch,
     tree_shardings,
 )
-from qtx.train.steps import make_eval_step
 
 
 def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
@@ -51,13 +53,10 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
     parameters sharded over ``mesh``."""
     cfg = exp.model
     if hf_checkpoint:
-        from qtx import hf
-
         params = hf.pretrained_params(hf_checkpoint, cfg)
-        if cfg.gamma_migrated:  # HF checkpoints hold the original LayerNorms
-            from qtx.methods.outlier_suppression import migrate_params_for
-
-            params = migrate_params_for(cfg, params)
+        # HF checkpoints hold the original model (e.g. its LayerNorms' gammas)
+        for rep in methods.applied_reparametrisations(cfg):
+            params = rep.params_for(cfg, params)
         return 0, jax.device_put(params, tree_shardings(mesh, jax.eval_shape(lambda: params))), {}
     ck = Checkpointer(workdir, async_save=False)
     model = build(cfg, exp.plan.with_mode("off"))
@@ -66,26 +65,18 @@ def load_variables(exp, workdir: str, hf_checkpoint: str | None, mesh):
         abstract = jax.eval_shape(
             lambda: build(cfg, exp.plan).init(jax.random.key(0), **dummy_inputs(cfg))
         )
-    target = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+    restored = ck.restore_newest(
         abstract["params"],
-        tree_shardings(mesh, abstract["params"]),
+        lambda a: tree_shardings(mesh, a),
+        extra=exp.plan.needs_calibration,
     )
-
-    def load(step):
-        params = ck.restore_params(target, step)
-        extra = ck.restore_extra(step) if exp.plan.needs_calibration else {}
-        return params, extra
-
-    restored = ck.restore_newest_intact(load)
     ck.close()
     if restored is None:
         raise UserError(
             f"no checkpoint in {ck.directory}; train first with the same --workdir, "
             "or pass --hf_checkpoint=<local Hugging Face directory>."
         )
-    step, (params, extra) = restored
-    return step, params, extra
+    return restored.step, restored.tree, restored.extra
 
 
 def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
@@ -99,12 +90,9 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
     metric = headline_metric(task, glue)
 
     def run(model, variables, outliers=None):
-        step_fn = jax.jit(
-            make_eval_step(model, cfg.family, task, ("intermediates",) if outliers else ())
-        )
-        return run_eval(
-            step_fn, variables, pipe.eval_batches(ev["max_batches"]), task, to_dev, outliers, glue
-        )
+        batches = lambda: pipe.eval_batches(ev["max_batches"])  # noqa: E731
+        evaluate = make_evaluate(model, cfg.family, task, batches, to_dev, glue, bool(outliers))
+        return evaluate(variables, outliers)
 
     fp_plan = quant.QuantPlan(track=exp.plan.track)
     fp_model = build(cfg, fp_plan)
@@ -198,9 +186,6 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
 def variation_analysis(cfg, params, calib, run, extra, ev, workdir, step=None) -> dict:
     """Quantization Variation's analysis -> ``variation.json`` and ``variation.png`` (titled
     with the run of ``workdir`` and ``step``)."""
-    from qtx.methods.quant_variation import analysis
-    from qtx.methods.quant_variation.oscillation import COLLECTION
-
     tracker = (extra or {}).get(COLLECTION)
     result = analysis.analyse(
         cfg,
@@ -227,11 +212,11 @@ def variation_analysis(cfg, params, calib, run, extra, ev, workdir, step=None) -
 def draw_figures(
     model, params, pipe, outlier_summary, workdir, cfg, to_dev, step=None
 ) -> list[str]:
-    """``outliers.png`` and ``attention_mass.png`` (first eval batch; not for Swin, which has
-    no class or special token) in ``workdir``, titled with its run and ``step``."""
+    """``outliers.png`` and ``attention_mass.png`` (first eval batch; not for a family without
+    class or special tokens, e.g. Swin) in ``workdir``, titled with its run and ``step``."""
     paths = [os.path.join(workdir, "outliers.png")]
     run = {"workdir": workdir, "step": step, "family": cfg.family}
-    if cfg.family == "swin":
+    if not family_record(cfg.family).noop_tokens:
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             figures.plot_outliers(outlier_summary["per_layer"], paths[0], **run)

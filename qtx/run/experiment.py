@@ -28,14 +28,17 @@ from typing import Any
 from qtx.data.config import resolve_spec
 from qtx.errors import UserError
 from qtx.evaluate.outliers import track_patterns
+from qtx.methods import registry as methods
 from qtx.models import ModelConfig, model_config
 from qtx.models.config import DTYPES
+from qtx.models.family import families_of_task, family_record
 from qtx.quant import QuantPlan, plan_from_config, setup_rules
 from qtx.quant.presets import PRESETS
 from qtx.quant.rules import CALIBRATIONS
-from qtx.train.losses import FAMILIES_OF_TASK, HEAD_OF_TASK, TASKS
+from qtx.train.losses import HEAD_OF_TASK, TASKS
 from qtx.train.mesh import AXES
 from qtx.train.optim import optim_settings
+from qtx.train.steps import DISTILL_LOSSES
 
 TRAIN_DEFAULTS = dict(
     steps=1000,
@@ -76,8 +79,8 @@ EVAL_DEFAULTS = dict(
     calib_batches=16,
     calib_batch_size=32,
     calibration="sequential",  # or 'parallel' (see qtx.quant.QuantPlan)
-    # post-training methods (qtx.methods.outlier_suppression.PTQ_METHODS): every setup is
-    # calibrated with each, in cells named '<setup>/<method>'; () = the setups' own estimators
+    # post-training methods (names of qtx.methods.registry.PTQ): every setup is calibrated
+    # with each, in cells named '<setup>/<method>'; () = the setups' own estimators
     ptq_methods=(),
     ptq_options={},  # token-wise clipping settings (TWCSettings fields) and 'percentiles'
     dtype="float32",  # compute dtype of evaluation (FP and quantized); None: the model's
@@ -93,7 +96,6 @@ EVAL_DEFAULTS = dict(
     variation_bits=2,
     variation_heads=True,
 )
-QAT_INITS = ("calibrate", "token_wise_clipping")
 SECTIONS = ("task", "model", "data", "optim", "train", "quant", "eval", "mesh", "init_from")
 
 
@@ -172,10 +174,10 @@ def load(config) -> Experiment:
     name = mcfg.pop("name")
     mcfg.setdefault("head", HEAD_OF_TASK[task])
     model = model_config(name, mcfg)
-    if model.family not in FAMILIES_OF_TASK[task]:
+    if task not in family_record(model.family).tasks:
         raise UserError(
             f"config.model.name={name!r} (family {model.family}) cannot run config.task="
-            f"{task!r}; allowed families: {', '.join(FAMILIES_OF_TASK[task])}."
+            f"{task!r}; allowed families: {', '.join(families_of_task(task))}."
         )
     if model.head != HEAD_OF_TASK[task]:
         raise UserError(
@@ -198,11 +200,7 @@ def load(config) -> Experiment:
     for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "calib_batches"):
         if int(train[f]) < 1:
             raise UserError(f"config.train.{f}={train[f]!r} is invalid; allowed: an integer >= 1.")
-    if train["qat_init"] not in QAT_INITS:
-        raise UserError(
-            f"config.train.qat_init={train['qat_init']!r} is invalid; allowed: "
-            f"{', '.join(QAT_INITS)}."
-        )
+    methods.qat_init(train["qat_init"])  # one of qtx.methods.registry.QAT_INITS
     _number(train, "distill", lambda v: v >= 0, "a number >= 0")
     _number(train, "distributed_timeout_s", lambda v: v >= 1, "a number of seconds >= 1")
     _number(train, "distill_temperature", lambda v: v > 0, "a number > 0")
@@ -303,8 +301,6 @@ def _number(train: dict, field: str, ok, allowed: str) -> None:
 
 def _check_qat_methods(train: dict) -> None:
     """Distillation and Quantization Variation settings of ``config.train``."""
-    from qtx.train.steps import DISTILL_LOSSES
-
     if train["distill_loss"] not in DISTILL_LOSSES:
         raise UserError(
             f"config.train.distill_loss={train['distill_loss']!r} is invalid; allowed: "
@@ -333,29 +329,32 @@ def _check_qat_methods(train: dict) -> None:
 
 
 def _check_ptq(exp: Experiment) -> None:
-    """Every eval setup, with every PTQ method, builds its rules (no compute)."""
-    from qtx.methods.outlier_suppression import PTQ_METHODS, method_rules, method_settings
-
+    """Every eval setup, with every PTQ method, builds its rules (no compute); no method
+    applies a reparametrisation the model config already has."""
     ev = exp.eval
-    methods = ev["ptq_methods"] or ()
-    if isinstance(methods, str):
+    names = ev["ptq_methods"] or ()
+    if isinstance(names, str):
         raise UserError(
-            f"config.eval.ptq_methods={methods!r} is invalid; allowed: a tuple of "
-            f"{', '.join(PTQ_METHODS)}."
+            f"config.eval.ptq_methods={names!r} is invalid; allowed: a tuple of "
+            f"{', '.join(methods.PTQ)}."
         )
-    method_settings(ev["ptq_options"])
+    ptq = [methods.ptq_method(m) for m in names]
+    methods.check_ptq_options(ev["ptq_options"])
     for label, setup in exp.eval_setups().items():
         try:
             setup_rules(setup, **dict(ev["options"] or {}))
-            for m in methods:
-                method_rules(setup, m, ev["options"])
+            for m in ptq:
+                m.rules(setup, ev["options"])
         except (ValueError, TypeError) as e:
             raise UserError(f"config.eval.setups[{label!r}]: {e}") from None
-    if any(m in ("gamma_migration", "outlier_suppression") for m in methods):
-        if exp.model.gamma_migrated:
+    for m in ptq:
+        r = m.reparametrisation
+        if r is not None and r.applied(exp.model):
+            users = [n for n, p in methods.PTQ.items() if p.reparametrisation == r]
             raise UserError(
-                "config.model.gamma_migrated=True cannot be migrated again by a PTQ method; "
-                "allowed: gamma_migrated=False with the gamma-migration methods."
+                f"config.model.{r.config_field}=True cannot take {r.name} again from the PTQ "
+                f"method {m.name!r}; allowed: {r.config_field}=False with "
+                f"{', '.join(users)}."
             )
 
 

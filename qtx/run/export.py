@@ -22,13 +22,19 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx import quant
+from qtx.data.config import resolve_spec
+from qtx.data.tokenizers import load_tokenizer
 from qtx.errors import UserError
+from qtx.evaluate import integer
+from qtx.evaluate.ptq import calibrate_setup
 from qtx.hf import quant_sidecar, remote
 from qtx.hf.export import export, export_problems
 from qtx.models import build, dummy_inputs
+from qtx.models.family import family_record
 from qtx.run import experiment as experiment_lib
-from qtx.run.prepare import say
+from qtx.run.prepare import prepare, say
 from qtx.train.checkpoint import Checkpointer
+from qtx.train.mesh import global_batch
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -61,15 +67,7 @@ def _restore(exp, workdir: str, step: int | None, trained_quant: bool):
     model = build(cfg, plan)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract["params"]
-    )
     ck = Checkpointer(workdir, async_save=False)
-
-    def load(s):
-        params = ck.restore_params(target, s)
-        return params, (ck.restore_extra(s) if trained_quant else {})
-
     try:
         steps = ck.steps()
         if not steps:
@@ -77,18 +75,18 @@ def _restore(exp, workdir: str, step: int | None, trained_quant: bool):
                 f"no checkpoint in {ck.directory}; train first with the same --workdir "
                 "(python train.py --config=... --workdir=...)."
             )
-        if step is None:
-            step, (params, extra) = ck.restore_newest_intact(load, move_aside=False)
-        else:
-            if step not in steps:
-                raise UserError(f"--step={step} is not in {ck.directory}; allowed: {steps}.")
-            problem = ck.verify(step)
-            if problem:
-                raise UserError(f"checkpoint step {step} is damaged ({problem}).")
-            params, extra = load(step)
+        if step is not None and step not in steps:
+            raise UserError(f"--step={step} is not in {ck.directory}; allowed: {steps}.")
+        restored = ck.restore_newest(
+            abstract["params"],
+            lambda _: device,
+            extra=trained_quant,
+            move_aside=False,
+            step=step,
+        )
     finally:
         ck.close()
-    return step, params, extra
+    return restored.step, restored.tree, restored.extra
 
 
 def _model_params(cfg, params) -> dict:
@@ -102,10 +100,6 @@ def _model_params(cfg, params) -> dict:
 def _calibrated(exp, config, params, setup: str) -> tuple[quant.QuantPlan, dict]:
     """``(plan, variables)`` of the PTQ ``setup`` calibrated on the config's training data, as
     ``eval.py`` calibrates it (``config.eval.calib_batches`` x ``calib_batch_size``)."""
-    from qtx.evaluate.ptq import calibrate_setup
-    from qtx.run.prepare import prepare
-    from qtx.train.mesh import global_batch
-
     _, mesh, pipe = prepare(config)
     ev = exp.eval
     rules = quant.setup_rules(setup, **dict(ev["options"] or {}))
@@ -142,10 +136,7 @@ def export_workdir(
     if os.path.isdir(out) and overwrite:
         _remove_export_files(out)
     export(out, cfg, {"params": model_params})
-    if cfg.family not in ("vit", "swin"):
-        from qtx.data.config import resolve_spec
-        from qtx.data.tokenizers import load_tokenizer
-
+    if not family_record(cfg.family).images:
         spec = resolve_spec(exp.data, exp.task)
         if spec.tokenizer:
             load_tokenizer(spec.tokenizer).save_pretrained(out)
@@ -174,7 +165,6 @@ def export_integer(
     """``export.py --int8``: the integer model (int8 weights, scales, zero points and
     activation ranges, see :mod:`qtx.evaluate.integer`) of the PTQ setup ``quantize`` or of
     a QAT-trained workdir, written to ``out``."""
-    from qtx.evaluate import integer
 
     exp = experiment_lib.load(config)
     trained_quant = exp.plan.needs_calibration

@@ -9,12 +9,11 @@ import os
 import jax
 
 from qtx.evaluate.integer import check_same_model, fake_twin, load, max_output_difference
-from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval, scores
+from qtx.evaluate.metrics import glue_task_of, headline_metric, make_evaluate, scores
 from qtx.models import build
 from qtx.quant.convert import weight_bytes
 from qtx.run.prepare import prepare, say
 from qtx.train.mesh import global_batch
-from qtx.train.steps import make_eval_step
 
 
 def evaluate_directory(config, path: str) -> dict:
@@ -30,9 +29,8 @@ def evaluate_directory(config, path: str) -> dict:
     to_dev = lambda b: global_batch(mesh, b)  # noqa: E731
 
     def run(model):
-        step = jax.jit(make_eval_step(model, cfg.family, exp.task, ()))
-        batches = pipe.eval_batches(ev["max_batches"])
-        return run_eval(step, int_vars, batches, exp.task, to_dev, None, glue)
+        batches = lambda: pipe.eval_batches(ev["max_batches"])  # noqa: E731
+        return make_evaluate(model, cfg.family, exp.task, batches, to_dev, glue)(int_vars)
 
     int_model, twin = build(cfg, iplan), build(cfg, fake_twin(iplan))
     r_int, r_fq = run(int_model), run(twin)

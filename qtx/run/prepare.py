@@ -13,29 +13,13 @@ from qtx.data import make_pipeline
 from qtx.data.availability import missing_resources
 from qtx.data.config import resolve_spec
 from qtx.errors import MissingResources, UserError
-from qtx.models import build
 from qtx.run import experiment as experiment_lib
 from qtx.train import distributed
-from qtx.train.losses import model_inputs
 from qtx.train.mesh import make_mesh
 
 
 def model_meta(exp: experiment_lib.Experiment) -> dict:
     return {"task": exp.task, "model": dataclasses.asdict(exp.model), "config": exp.raw}
-
-
-def calibrated_variables(model_cfg, plan, variables, batches, family):
-    """Runs ``batches`` through the model in calibrate mode; LSQ steps start from the ranges.
-
-    ``batches`` should be global device arrays (``global_batch``) so that every process
-    computes the same statistics."""
-    cal = build(model_cfg, plan.with_mode("calibrate"))
-    variables = quant.calibrate(
-        lambda v, b: cal.apply(v, **model_inputs(family, b), mutable=[quant.STATS]),
-        variables,
-        batches,
-    )
-    return quant.init_learnable(variables)
 
 
 def say(msg: str) -> None:

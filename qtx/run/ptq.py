@@ -11,7 +11,7 @@ import jax
 from qtx import quant
 from qtx.evaluate.metrics import scores
 from qtx.evaluate.ptq import calibrate_setup
-from qtx.methods.outlier_suppression import calibrate_method
+from qtx.methods import registry
 from qtx.models import ModelConfig, build, dummy_inputs
 
 
@@ -29,8 +29,8 @@ def evaluate_setup(
     keep: list | None = None,
 ) -> tuple[dict, quant.MatchReport, float, dict]:
     """Calibrates ``setup`` (``sequential`` or ``parallel``, see :class:`qtx.quant.QuantPlan`),
-    with its preset's estimators or with a post-training ``method`` (see
-    ``qtx.methods.outlier_suppression.PTQ_METHODS``), and evaluates it.
+    with its preset's estimators or with a post-training ``method`` (a name of
+    ``qtx.methods.registry.PTQ``), and evaluates it.
 
     ``run(model, variables)`` evaluates a model and returns its metrics. Returns ``(metrics,
     match report, calibration seconds, method details)``; a method with several candidates
@@ -49,7 +49,8 @@ def evaluate_setup(
             keep.append((cfg, plan, variables))
         return run(model, variables), _report(cfg, plan, model, variables), seconds, {}
     best, seconds, tried = None, 0.0, []
-    for c in calibrate_method(method, cfg, setup, params, calib, options, calibration, ptq_options):
+    ptq = registry.ptq_method(method)
+    for c in ptq.calibrate(cfg, setup, params, calib, options, calibration, ptq_options):
         seconds += c.seconds
         model = build(c.cfg, c.plan)
         r = run(model, c.variables)

@@ -18,12 +18,13 @@ import numpy as np
 
 from qtx import quant
 from qtx.errors import UserError
-from qtx.evaluate.metrics import glue_task_of, headline_metric, run_eval
-from qtx.methods import quant_variation
+from qtx.evaluate.metrics import glue_task_of, headline_metric, make_evaluate
+from qtx.evaluate.ptq import calibrate_setup
+from qtx.methods import registry as methods
 from qtx.models import build, dummy_inputs
-from qtx.models.config import IMAGE_FAMILIES
+from qtx.models.family import family_record
 from qtx.run import experiment as experiment_lib
-from qtx.run.prepare import calibrated_variables, model_meta, prepare, report_points, say
+from qtx.run.prepare import model_meta, prepare, report_points, say
 from qtx.train import distributed
 from qtx.train.checkpoint import Checkpointer, newest_complete_step
 from qtx.train.losses import finite_or_raise, sane_for_checkpoint
@@ -41,10 +42,9 @@ from qtx.train.pretrained import (
     check_teacher,
     load_pretrained,
     merge_pretrained,
-    source_gamma_migrated,
     teacher_config,
 )
-from qtx.train.steps import TEACHER, Distillation, TrainState, make_eval_step, make_train_step
+from qtx.train.steps import TEACHER, Distillation, TrainState, make_train_step
 
 
 def train(config, workdir: str, devices=None) -> dict:
@@ -55,7 +55,8 @@ def train(config, workdir: str, devices=None) -> dict:
     exp, mesh, pipe = prepare(config, devices)
     experiment_lib.check_workdir(workdir)
     cfg, plan, tr = exp.model, exp.plan, exp.train
-    if cfg.family not in IMAGE_FAMILIES and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
+    text = not family_record(cfg.family).images
+    if text and pipe.vocab_size and pipe.vocab_size > cfg.vocab_size:
         raise UserError(
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
             f"tokenizer's {pipe.vocab_size}; allowed: >= {pipe.vocab_size}."
@@ -89,18 +90,6 @@ def train(config, workdir: str, devices=None) -> dict:
     ckpt = Checkpointer(workdir, int(tr["keep_checkpoints"]), bool(tr["async_checkpoint"]))
     distributed.watch_checkpoints(ckpt.directory, newest_complete_step)
 
-    def load(step):
-        abstract = abstract_state
-        # extra collections (quant_stats) exist only after calibration: take them as stored
-        if plan.needs_calibration:
-            extra = ckpt.restore_extra(step)
-            abstract = abstract.replace(extra=jax.eval_shape(lambda: extra))
-        shardings = tree_shardings(mesh, abstract)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        return ckpt.restore(target, step), shardings
-
     teacher_cfg = teacher_config(tr["teacher"], cfg) if tr["teacher"] else cfg
     teacher_model = build(teacher_cfg, quant.QuantPlan())  # full precision, eval mode
     if tr["teacher"]:
@@ -113,9 +102,12 @@ def train(config, workdir: str, devices=None) -> dict:
         )["logits"]
         check_teacher(s_logits, t_logits, tr["teacher"])
 
-    restored = ckpt.restore_newest_intact(load)
+    # extra collections (quant_stats) exist only after calibration: take them as stored
+    restored = ckpt.restore_newest(
+        abstract_state, lambda a: tree_shardings(mesh, a), extra=plan.needs_calibration
+    )
     if restored is not None:
-        start, (state, sharding) = restored
+        start, state, sharding = restored.step, restored.tree, restored.shardings
         say(f"resumed from {ckpt.directory}/{start}")
     else:
         start = 0
@@ -125,11 +117,10 @@ def train(config, workdir: str, devices=None) -> dict:
         if exp.init_from:
             loaded = load_pretrained(exp.init_from, cfg)
             variables["params"] = merge_pretrained(variables["params"], loaded)
-            if cfg.gamma_migrated and not source_gamma_migrated(exp.init_from):
-                from qtx.methods.outlier_suppression import migrate_params_for
-
-                say("gamma migration: LayerNorm gammas moved into the following weights")
-                variables["params"] = migrate_params_for(cfg, variables["params"])
+            for rep in methods.applied_reparametrisations(cfg):  # e.g. gamma_migrated=True
+                if not rep.source_applied(exp.init_from):
+                    say(rep.log_line)
+                    variables["params"] = rep.params_for(cfg, variables["params"])
         teacher = None
         if tr["teacher"]:
             teacher = load_pretrained(tr["teacher"], teacher_cfg)
@@ -138,19 +129,15 @@ def train(config, workdir: str, devices=None) -> dict:
         if plan.needs_calibration:
             n, bs = int(tr["calib_batches"]), tr["calib_batch_size"] or pipe.batch_size
             calib = [global_batch(mesh, b) for b in pipe.calib_batches(n, int(bs))]
-            variables = fetch(calibrated_variables(cfg, plan, variables, calib, cfg.family))
-            if tr["qat_init"] == "token_wise_clipping":
-                from qtx.methods.outlier_suppression.token_wise_clipping import qat_init
-
-                variables, info = qat_init(cfg, plan, variables, calib)
+            variables = fetch(calibrate_setup(cfg, plan, variables["params"], calib))
+            init = methods.qat_init(tr["qat_init"])
+            if init.refine is not None:
+                variables, line = init.refine(cfg, plan, variables, calib)
                 variables = fetch(variables)
-                say(f"token-wise clipping: alpha {info['alpha']:.2f} over {info['points']} points")
+                say(line)
         if teacher is not None:
             variables[TEACHER] = teacher
-        if tr["track_oscillation"]:
-            variables[quant_variation.COLLECTION] = quant_variation.tracker_for(
-                model.apply, variables, inputs
-            )
+        variables.update(methods.train_state(tr, model.apply, variables, inputs))
         params = variables.pop("params")
         state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), variables)
         sharding = tree_shardings(mesh, jax.eval_shape(lambda: state))
@@ -174,7 +161,7 @@ def train(config, workdir: str, devices=None) -> dict:
         schedule,
         base_rng,
         int(exp.optim["grad_accum"]),
-        hooks=quant_variation.train_hooks(tr, steps),
+        hooks=methods.step_hooks(tr, steps),
         distill=distill,
     )
     p_train = jax.jit(
@@ -184,7 +171,14 @@ def train(config, workdir: str, devices=None) -> dict:
         donate_argnums=(0,),
     )
     eval_model = build(cfg, plan.with_mode("quantize") if plan.needs_calibration else plan)
-    p_eval = jax.jit(make_eval_step(eval_model, cfg.family, exp.task, collections=()))
+    evaluate_model = make_evaluate(
+        eval_model,
+        cfg.family,
+        exp.task,
+        lambda: pipe.eval_batches(tr["max_eval_batches"]),
+        lambda b: global_batch(mesh, b),
+        glue_task_of(exp),
+    )
     say(f"workdir: {workdir}")  # from here on the run writes there
     writer = MetricWriter(workdir, steps, start, bool(tr["tensorboard"]))
     if jax.process_index() == 0:
@@ -197,15 +191,7 @@ def train(config, workdir: str, devices=None) -> dict:
     last = {}
 
     def evaluate(step):
-        variables = {"params": state.params, **state.extra}
-        res = run_eval(
-            p_eval,
-            variables,
-            pipe.eval_batches(tr["max_eval_batches"]),
-            exp.task,
-            to_device=lambda b: global_batch(mesh, b),
-            glue_task=glue_task_of(exp),
-        )
+        res = evaluate_model({"params": state.params, **state.extra})
         return writer.write(step, "eval", res)
 
     # Divergence: the loss of step k measures the state saved after step k-1. A save is

@@ -31,7 +31,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -54,6 +54,17 @@ class DamagedCheckpoint(Exception):
     def __init__(self, step: int, reason: str):
         self.step, self.reason = step, reason
         super().__init__(f"checkpoint step {step} is damaged: {reason}")
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore_newest` read: the ``step``, the restored ``tree`` (a
+    TrainState or parameters), the non-parameter collections ``extra`` and the
+    ``shardings`` the arrays were placed with (None: those of the abstract tree)."""
+
+    step: int
+    tree: Any
+    extra: dict
+    shardings: Any
 
 
 def _train_item(state: TrainState) -> dict:
@@ -290,6 +301,55 @@ class Checkpointer:
             + "; nothing was moved. Restore a backup of the workdir, move the damaged steps "
             "away to start over, or use a fresh --workdir."
         )
+
+    def restore_newest(
+        self,
+        abstract: Any,
+        shardings: Callable[[Any], Any] | None = None,
+        *,
+        extra: bool = False,
+        move_aside: bool = True,
+        step: int | None = None,
+    ) -> Restored | None:
+        """The newest intact checkpoint (:meth:`restore_newest_intact`) restored into
+        ``abstract``, or None when there is no checkpoint.
+
+        ``abstract``: a :class:`TrainState` (the whole state is restored) or a parameter tree
+        (the parameters alone) of ShapeDtypeStructs, or a function ``step -> such a tree``
+        for a tree read from the step itself. ``shardings``: a function ``abstract ->
+        shardings`` (a tree like ``abstract``, or one Sharding for every leaf) that places
+        the restored arrays; None keeps the shardings of ``abstract``. ``extra``: also the
+        saved non-parameter collections (frozen ``quant_stats``, ...), taken as stored; of a
+        TrainState they become its ``extra``. ``step``: that step instead of the newest
+        (verified first; damage is an error)."""
+
+        def load(s: int) -> Restored:
+            tree = abstract(s) if callable(abstract) else abstract
+            if isinstance(tree, TrainState) and extra:
+                stored = self.restore_extra(s)
+                tree = tree.replace(extra=jax.eval_shape(lambda: stored))
+            placed = shardings(tree) if shardings is not None else None
+            if placed is not None:
+                if isinstance(placed, jax.sharding.Sharding):
+                    placed = jax.tree.map(lambda _: placed, tree)
+                tree = jax.tree.map(
+                    lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                    tree,
+                    placed,
+                )
+            if isinstance(tree, TrainState):
+                state = self.restore(tree, s)
+                return Restored(s, state, state.extra, placed)
+            params = self.restore_params(tree, s)
+            return Restored(s, params, self.restore_extra(s) if extra else {}, placed)
+
+        if step is None:
+            restored = self.restore_newest_intact(load, move_aside=move_aside)
+            return None if restored is None else restored[1]
+        problem = self.verify(step)
+        if problem:
+            raise UserError(f"checkpoint step {step} is damaged ({problem}).")
+        return load(step)
 
     def _move(self, step: int, folder: str) -> str:
         """Moves step ``step`` to ``<workdir>/<folder>/<step>`` (process 0); returns where."""

@@ -18,15 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qtx.models.config import IMAGE_FAMILIES
+from qtx.models.family import family_record
 
-TASKS = ("clm", "mlm", "classification", "image")
-FAMILIES_OF_TASK = {
-    "clm": ("opt",),
-    "mlm": ("bert", "roberta"),
-    "classification": ("bert", "roberta"),
-    "image": IMAGE_FAMILIES,
-}
+TASKS = ("clm", "mlm", "classification", "image")  # the families that run each: Family.tasks
 HEAD_OF_TASK = {
     "clm": "clm",
     "mlm": "mlm",
@@ -36,15 +30,8 @@ HEAD_OF_TASK = {
 
 
 def model_inputs(family: str, batch: dict) -> dict:
-    """Keyword arguments of the model call for a batch."""
-    if family in IMAGE_FAMILIES:
-        return {"images": batch["image"]}
-    inputs = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
-    if family in ("bert", "roberta") and "token_type_ids" in batch:
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    return inputs
+    """Keyword arguments of the ``family``'s model call for a batch (``Family.model_inputs``)."""
+    return family_record(family).model_inputs(batch)
 
 
 def _xent(logits, labels, weights):

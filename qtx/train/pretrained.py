@@ -22,10 +22,20 @@ import numpy as np
 from absl import logging
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from qtx import hf
 from qtx.errors import UserError
+from qtx.hf import original
 from qtx.models import ModelConfig
+from qtx.models.config import model_config_from_dict
+from qtx.quant import QUANTIZER_PARAM_PATTERN
+from qtx.train.checkpoint import Checkpointer
 
-NEW_OK = (r"(^|/)attn/gate/", r"/(step|offset)$", r"^(classifier|dist_classifier)/", r"^pooler/")
+NEW_OK = (
+    r"(^|/)attn/gate/",
+    QUANTIZER_PARAM_PATTERN,
+    r"^(classifier|dist_classifier)/",
+    r"^pooler/",
+)
 DROPPABLE = (r"^(mlm_head|lm_head|classifier|dist_classifier|pooler)/",)
 
 
@@ -80,7 +90,6 @@ def is_hf_dir(path: str) -> bool:
 def load_pretrained(path: str, cfg: ModelConfig):
     """Pretrained parameters (a tree of numpy arrays) from a qtx workdir, an HF dir or an
     original-format checkpoint."""
-    from qtx.hf import original
 
     if os.path.exists(path) and original.is_original(path):
         return original.pretrained_params(path, cfg)
@@ -91,29 +100,24 @@ def load_pretrained(path: str, cfg: ModelConfig):
             f"original-format ViT/DeiT/Swin checkpoint ({', '.join(original.SUFFIXES)})."
         )
     if is_hf_dir(path):
-        from qtx import hf
-
         return hf.pretrained_params(path, cfg)
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        from qtx.train.checkpoint import Checkpointer
-
         ck = Checkpointer(path, async_save=False)
 
-        def load(step):
+        def stored(step):  # the tree as stored, in float32
             shapes = ck.stored_params_shapes(step)
-            abstract = unflatten_dict(
+            return unflatten_dict(
                 {
                     tuple(k.split("/")): jax.ShapeDtypeStruct(s, np.float32)
                     for k, s in shapes.items()
                 }
             )
-            return jax.tree.map(np.asarray, ck.restore_params(abstract, step))
 
-        restored = ck.restore_newest_intact(load, move_aside=False)  # another run's workdir
+        restored = ck.restore_newest(stored, move_aside=False)  # another run's workdir
         ck.close()
         if restored is None:
             raise UserError(f"config.init_from={path!r} has no checkpoint in checkpoints/.")
-        return restored[1]
+        return jax.tree.map(np.asarray, restored.tree)
     raise UserError(
         f"config.init_from={path!r} holds neither checkpoints/ (qtx) nor "
         "config.json + model.safetensors / pytorch_model.bin (Hugging Face)."
@@ -142,10 +146,7 @@ def teacher_config(path: str, student: ModelConfig) -> ModelConfig:
             "local Hugging Face checkpoint directory."
         )
     if is_hf_dir(path):
-        from qtx import hf
-
         return hf.config_from_hf(hf.read_config(path), head=student.head)
-    from qtx.models.config import model_config_from_dict
 
     try:
         with open(os.path.join(path, "config.json")) as f:

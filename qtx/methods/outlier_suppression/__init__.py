@@ -6,26 +6,35 @@
 * :mod:`.token_wise_clipping`: activation ranges chosen on the model's output error, a coarse
   quantile search over token-wise extremes, then LSQ+ fine-tuning of the ranges.
 * :mod:`.ptq`: the paper's post-training methods and baselines (MinMax, Percentile, OMSE,
-  gamma migration, token-wise clipping, both), used by ``eval.py`` through
-  ``config.eval.ptq_methods``.
+  gamma migration, token-wise clipping, both; ``PAPER_TABLE`` names them), registered in
+  :mod:`qtx.methods.registry` and used by ``eval.py`` through ``config.eval.ptq_methods``.
+  Gamma migration is also a reparametrisation (``GAMMA_MIGRATION``) and token-wise clipping
+  a QAT initialisation (``QAT_INIT``, ``config.train.qat_init``).
 
 The quantizer placement is the ``os_fastertransformer`` preset (``qtx.quant.presets``).
 """
 
 from qtx.methods.outlier_suppression.gamma_migration import (
+    GAMMA_MIGRATION,
     migrate_gamma,
     migrate_params_for,
     migration_map,
     zero_gamma_channels,
 )
 from qtx.methods.outlier_suppression.ptq import (
-    PTQ_METHODS,
+    MIGRATED_MINMAX,
+    MINMAX,
+    OMSE,
+    OUTLIER_SUPPRESSION,
+    PERCENTILE,
+    TOKEN_WISE_CLIPPING,
     Calibrated,
-    calibrate_method,
-    method_rules,
+    RangeMethod,
+    TokenWiseClipping,
     method_settings,
 )
 from qtx.methods.outlier_suppression.token_wise_clipping import (
+    QAT_INIT,
     TWCSettings,
     alpha_grid,
     clip_range,
@@ -44,16 +53,23 @@ PAPER_TABLE = (
 )
 
 __all__ = [
+    "GAMMA_MIGRATION",
+    "MIGRATED_MINMAX",
+    "MINMAX",
+    "OMSE",
+    "OUTLIER_SUPPRESSION",
     "PAPER_TABLE",
-    "PTQ_METHODS",
+    "PERCENTILE",
+    "QAT_INIT",
+    "TOKEN_WISE_CLIPPING",
     "Calibrated",
+    "RangeMethod",
     "TWCSettings",
+    "TokenWiseClipping",
     "alpha_grid",
-    "calibrate_method",
     "clip_range",
     "coarse_search",
     "fine_tune",
-    "method_rules",
     "method_settings",
     "migrate_gamma",
     "migrate_params_for",

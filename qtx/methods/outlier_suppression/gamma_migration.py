@@ -28,7 +28,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx.errors import UserError
+from qtx.methods.kinds import Reparametrisation
 from qtx.models import ModelConfig
+from qtx.models.family import family_record
+from qtx.train.pretrained import source_gamma_migrated
+
+PAPER = "Outlier Suppression (Wei et al., NeurIPS 2022; docs/methods.md §2)"
 
 # Parameters that read the attention input x (B, T, D): kernel (D, out), or per-head gate
 # kernels that read x split into heads (H, Dh[, k]).
@@ -59,7 +64,7 @@ def migration_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], tuple[tuple[s
         for i in range(n):
             out += [((f"layer_{i}", "attn_ln"), attn(i)), ((f"layer_{i}", "ffn_ln"), ffn(i))]
         return out
-    out = [(("embed", "ln"), attn(0))] if cfg.family in ("bert", "roberta") else []
+    out = [(("embed", "ln"), attn(0))] if family_record(cfg.family).migrate_embed_ln else []
     for i in range(n):
         out.append(((f"layer_{i}", "attn_ln"), ffn(i)))
         if i < n - 1:
@@ -137,3 +142,14 @@ def zero_gamma_channels(cfg: ModelConfig, params) -> dict[str, int]:
         if n:
             out["/".join(ln)] = n
     return out
+
+
+GAMMA_MIGRATION = Reparametrisation(
+    name="gamma_migration",
+    paper=PAPER,
+    config_field="gamma_migrated",
+    apply=migrate_gamma,
+    params_for=migrate_params_for,
+    source_applied=source_gamma_migrated,
+    log_line="gamma migration: LayerNorm gammas moved into the following weights",
+)

@@ -1,17 +1,22 @@
 """Outlier Suppression's post-training quantization methods, for any setup (preset + bits).
 
-Methods (``PTQ_METHODS``):
+The methods of the paper's PTQ table (``PAPER_TABLE``), each a
+:class:`qtx.methods.kinds.PTQMethod` registered in :mod:`qtx.methods.registry`:
 
-* ``minmax``: per-batch min/max of every activation (averaged over batches in the
-  ``os_fastertransformer`` preset);
-* ``percentile``: the 99.9 / 99.99 / 99.999 percentile of |x| (``percentiles``), the best on
-  the evaluation split reported, as the paper does (a choice made on the data it reports);
-* ``omse``: golden-section search of the range with the least L2 quantization error;
-* ``gamma_migration``: MinMax on the gamma-migrated model;
-* ``token_wise_clipping``: the coarse alpha search and the fine LSQ+ stage on the output MSE;
-* ``outlier_suppression``: gamma migration, then token-wise clipping (the paper's method).
+* ``minmax`` (:data:`MINMAX`): per-batch min/max of every activation (averaged over batches
+  in the ``os_fastertransformer`` preset);
+* ``percentile`` (:data:`PERCENTILE`): the 99.9 / 99.99 / 99.999 percentile of |x|
+  (``percentiles``), the best on the evaluation split reported, as the paper does (a choice
+  made on the data it reports);
+* ``omse`` (:data:`OMSE`): golden-section search of the range with the least L2 quantization
+  error;
+* ``gamma_migration`` (:data:`MIGRATED_MINMAX`): gamma migration, then MinMax;
+* ``token_wise_clipping`` (:data:`TOKEN_WISE_CLIPPING`): MinMax, then the coarse alpha search
+  and the fine LSQ+ stage on the output MSE;
+* ``outlier_suppression`` (:data:`OUTLIER_SUPPRESSION`): gamma migration, then token-wise
+  clipping (the paper's method).
 
-Each method returns one or more calibrated candidates (:class:`Calibrated`) with the seconds
+Each method yields one or more calibrated candidates (:class:`Calibrated`) with the seconds
 its calibration took (compilation included); the caller evaluates them.
 """
 
@@ -26,7 +31,9 @@ import jax
 
 from qtx import quant
 from qtx.errors import UserError
-from qtx.methods.outlier_suppression.gamma_migration import migrate_gamma
+from qtx.evaluate.ptq import calibrate_setup
+from qtx.methods.kinds import Calibrated, Reparametrisation, estimator_rules
+from qtx.methods.outlier_suppression.gamma_migration import GAMMA_MIGRATION, PAPER
 from qtx.methods.outlier_suppression.token_wise_clipping import (
     Reference,
     TWCSettings,
@@ -37,27 +44,7 @@ from qtx.methods.outlier_suppression.token_wise_clipping import (
 )
 from qtx.models import ModelConfig
 
-PTQ_METHODS = (
-    "minmax",
-    "percentile",
-    "omse",
-    "gamma_migration",
-    "token_wise_clipping",
-    "outlier_suppression",
-)
 PERCENTILES = (99.9, 99.99, 99.999)
-_ESTIMATOR = {"percentile": "percentile", "omse": "omse"}
-
-
-@dataclasses.dataclass
-class Calibrated:
-    """A calibrated model ready to evaluate: config, plan (mode quantize), variables."""
-
-    cfg: ModelConfig
-    plan: quant.QuantPlan
-    variables: dict
-    seconds: float
-    info: dict
 
 
 def method_settings(options: Mapping | None) -> tuple[TWCSettings, tuple[float, ...]]:
@@ -79,56 +66,72 @@ def method_settings(options: Mapping | None) -> tuple[TWCSettings, tuple[float, 
     return TWCSettings(**opts), pcts
 
 
-def method_rules(setup: str, method: str, options: Mapping | None = None, percentile=None):
-    """The rules of ``setup`` calibrated the way ``method`` calibrates activations."""
-    if method not in PTQ_METHODS:
-        raise UserError(
-            f"post-training quantization method {method!r} is unknown; allowed: "
-            f"{', '.join(PTQ_METHODS)}."
-        )
-    opts = {**dict(options or {}), "act_estimator": _ESTIMATOR.get(method, "minmax")}
-    if percentile is not None:
-        opts["percentile"] = percentile
-    try:
-        return quant.setup_rules(setup, **opts)
-    except TypeError:
-        raise UserError(
-            f"post-training quantization method {method!r} needs a setup whose preset takes "
-            f"an activation estimator; {setup!r} does not (allowed presets: w8a8_all, "
-            "os_fastertransformer, or a bit shortcut)."
-        ) from None
-
-
 def _ready(tree):
     jax.block_until_ready(tree)
     return tree
 
 
-def calibrate_method(
-    method: str,
-    cfg: ModelConfig,
-    setup: str,
-    params,
-    calib: Sequence[dict],
-    options: Mapping | None = None,
-    calibration: str = "sequential",
-    ptq_options: Mapping | None = None,
-) -> Iterator[Calibrated]:
-    """Yields the calibrated candidates of ``method`` on ``setup`` (several for percentile)."""
-    from qtx.evaluate.ptq import calibrate_setup
+@dataclasses.dataclass(frozen=True)
+class RangeMethod:
+    """A :class:`~qtx.methods.kinds.PTQMethod` that calibrates the setup's rules with
+    ``estimator`` for activations, on the model after ``reparametrisation`` (None: as
+    trained); ``percentile`` yields one candidate per ``config.eval.ptq_options.percentiles``.
+    """
 
-    settings, percentiles = method_settings(ptq_options)
-    for p in percentiles if method == "percentile" else (None,):
-        t0 = time.perf_counter()
-        plan = quant.QuantPlan(
-            method_rules(setup, method, options, p), mode="quantize", calibration=calibration
-        )
-        qcfg, variables = cfg, {"params": params}
-        if method in ("gamma_migration", "outlier_suppression"):
-            qcfg, variables = migrate_gamma(cfg, variables)
-        variables = _ready(calibrate_setup(qcfg, plan, variables["params"], calib))
-        info = {} if p is None else {"percentile": p}
-        if method in ("token_wise_clipping", "outlier_suppression"):
+    name: str
+    estimator: str = "minmax"
+    reparametrisation: Reparametrisation | None = None
+    paper: str = PAPER
+
+    def rules(self, setup: str, options: Mapping | None = None, percentile=None) -> tuple:
+        """The rules of ``setup`` with this method's activation estimator."""
+        return estimator_rules(setup, self.name, self.estimator, options, percentile)
+
+    def calibrate(
+        self,
+        cfg: ModelConfig,
+        setup: str,
+        params,
+        calib: Sequence[dict],
+        options: Mapping | None = None,
+        calibration: str = "sequential",
+        ptq_options: Mapping | None = None,
+    ) -> Iterator[Calibrated]:
+        """Yields the calibrated candidates on ``setup`` (several for percentile)."""
+        _, percentiles = method_settings(ptq_options)
+        for p in percentiles if self.estimator == "percentile" else (None,):
+            t0 = time.perf_counter()
+            plan = quant.QuantPlan(
+                self.rules(setup, options, p), mode="quantize", calibration=calibration
+            )
+            qcfg, variables = cfg, {"params": params}
+            if self.reparametrisation is not None:
+                qcfg, variables = self.reparametrisation.apply(cfg, variables)
+            variables = _ready(calibrate_setup(qcfg, plan, variables["params"], calib))
+            info = {} if p is None else {"percentile": p}
+            yield Calibrated(qcfg, plan, variables, time.perf_counter() - t0, info)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenWiseClipping(RangeMethod):
+    """:class:`RangeMethod`'s ranges, then token-wise clipping's coarse and fine stages on the
+    output MSE (``config.eval.ptq_options``: :class:`TWCSettings` fields)."""
+
+    def calibrate(
+        self,
+        cfg: ModelConfig,
+        setup: str,
+        params,
+        calib: Sequence[dict],
+        options: Mapping | None = None,
+        calibration: str = "sequential",
+        ptq_options: Mapping | None = None,
+    ) -> Iterator[Calibrated]:
+        settings, _ = method_settings(ptq_options)
+        ranges = super().calibrate(cfg, setup, params, calib, options, calibration, ptq_options)
+        for c in ranges:
+            t0 = time.perf_counter()
+            qcfg, plan, variables, info = c.cfg, c.plan, c.variables, dict(c.info)
             search_plan = plan
             if not settings.quantize_weights:
                 search_plan = plan.prepend((quant.rule(".", "weight", off=True),))
@@ -151,10 +154,20 @@ def calibrate_method(
                 variables = fine_vars
                 plan = fine_plan if settings.quantize_weights else _with_weights(fine_plan, plan)
             _ready(variables)
-        yield Calibrated(qcfg, plan, variables, time.perf_counter() - t0, info)
+            seconds = c.seconds + time.perf_counter() - t0
+            yield Calibrated(qcfg, plan, variables, seconds, info)
 
 
 def _with_weights(fine_plan: quant.QuantPlan, plan: quant.QuantPlan) -> quant.QuantPlan:
     """The fine stage's plan without the rule that kept weights in full precision during the
     search (the final model quantizes weights as ``plan`` does)."""
     return dataclasses.replace(fine_plan, rules=fine_plan.rules[1:])
+
+
+# the paper's PTQ table (docs/methods.md §2); registered in qtx.methods.registry
+MINMAX = RangeMethod("minmax")
+PERCENTILE = RangeMethod("percentile", "percentile")
+OMSE = RangeMethod("omse", "omse")
+MIGRATED_MINMAX = RangeMethod("gamma_migration", reparametrisation=GAMMA_MIGRATION)
+TOKEN_WISE_CLIPPING = TokenWiseClipping("token_wise_clipping")
+OUTLIER_SUPPRESSION = TokenWiseClipping("outlier_suppression", reparametrisation=GAMMA_MIGRATION)

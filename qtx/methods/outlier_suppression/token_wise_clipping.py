@@ -39,6 +39,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx import quant
 from qtx.errors import UserError
+from qtx.evaluate.ptq import with_quantizer_params
+from qtx.methods.kinds import QATInit
 from qtx.models import ModelConfig, build
 from qtx.quant.ranges import qparams_from_range
 from qtx.train.losses import model_inputs
@@ -365,8 +367,6 @@ def _steps_from_ranges(params: dict, stats, plan: quant.QuantPlan) -> dict:
 def init_learnable_from_ranges(cfg, plan: quant.QuantPlan, variables: dict) -> dict:
     """Params of ``learnable_plan(plan)`` whose LSQ+ quantizers start as the frozen ones of
     ``plan`` on the calibrated ranges of ``variables['quant_stats']``."""
-    from qtx.evaluate.ptq import with_quantizer_params
-
     params = flatten_dict(with_quantizer_params(cfg, learnable_plan(plan), variables["params"]))
     params = _steps_from_ranges(params, variables[quant.STATS], plan)
     return {**variables, "params": unflatten_dict(params)}
@@ -412,8 +412,17 @@ def qat_init(
     return {**variables, "params": unflatten_dict(params), quant.STATS: best[quant.STATS]}, info
 
 
-def _is_quantizer_param(path) -> bool:
-    return path[-1] in ("step", "offset")
+def _qat_refine(cfg, plan, variables, batches) -> tuple[dict, str]:
+    variables, info = qat_init(cfg, plan, variables, batches)
+    return variables, f"token-wise clipping: alpha {info['alpha']:.2f} over {info['points']} points"
+
+
+# config.train.qat_init='token_wise_clipping'
+QAT_INIT = QATInit(
+    "token_wise_clipping",
+    "Outlier Suppression (Wei et al., NeurIPS 2022; docs/methods.md §2)",
+    _qat_refine,
+)
 
 
 def fine_tune(
@@ -436,8 +445,8 @@ def fine_tune(
     lplan = learnable_plan(plan)
     variables = init_learnable_from_ranges(cfg, plan, variables)
     flat = flatten_dict(variables["params"])
-    train = {k: v for k, v in flat.items() if _is_quantizer_param(k)}
-    frozen = {k: v for k, v in flat.items() if not _is_quantizer_param(k)}
+    train = {k: v for k, v in flat.items() if quant.is_quantizer_param(k)}
+    frozen = {k: v for k, v in flat.items() if not quant.is_quantizer_param(k)}
     stats = variables[quant.STATS]
     model = build(cfg, lplan.with_mode("learn"))
     tx = optax.adam(optax.cosine_decay_schedule(settings.fine_lr, max(steps, 1)))

@@ -11,7 +11,8 @@
   (``config.eval.variation``).
 
 :func:`train_hooks` gives the training loop what these add to its step (the loss term and the
-tracker's update), through :class:`qtx.train.steps.StepHooks`.
+tracker's update), through :class:`qtx.train.steps.StepHooks`, and :func:`train_state` the
+tracker it keeps; both make ``QAT_TERM``, QV's term in :mod:`qtx.methods.registry`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import jax
 
 from qtx import quant
+from qtx.methods.kinds import QATTerm
 from qtx.methods.quant_variation.obr import bin_regularizer, obr_lambda, obr_penalty
 from qtx.methods.quant_variation.oscillation import (
     COLLECTION,
@@ -28,9 +30,11 @@ from qtx.methods.quant_variation.oscillation import (
     update_tracker,
     weight_codes,
 )
+from qtx.train.steps import StepHooks
 
 __all__ = [
     "COLLECTION",
+    "QAT_TERM",
     "bin_regularizer",
     "codes_of",
     "init_tracker",
@@ -39,6 +43,7 @@ __all__ = [
     "oscillating_fractions",
     "train_hooks",
     "tracker_for",
+    "train_state",
     "update_tracker",
     "weight_codes",
 ]
@@ -54,8 +59,6 @@ def train_hooks(train: dict, total_steps: int):
       (of the weights the step's forward pass used); metrics ``oscillating`` and
       ``oscillating/<module>``.
     """
-    from qtx.train.steps import StepHooks
-
     peak, track = float(train["obr"]), bool(train["track_oscillation"])
     if not peak and not track:
         return None
@@ -92,3 +95,20 @@ def tracker_for(apply_fn, variables: dict, inputs: dict) -> dict:
         return codes_of(quant.weight_records(coll.get(quant.WEIGHTS, {})))
 
     return init_tracker(jax.eval_shape(records, variables))
+
+
+def train_state(train: dict, apply_fn, variables: dict, inputs: dict) -> dict:
+    """``{COLLECTION: a fresh tracker}`` when ``config.train.track_oscillation``, else ``{}``
+    (what QV keeps in ``TrainState.extra``)."""
+    if not train["track_oscillation"]:
+        return {}
+    return {COLLECTION: tracker_for(apply_fn, variables, inputs)}
+
+
+# OBR and oscillation tracking, a QAT term of the registry (qtx.methods.registry)
+QAT_TERM = QATTerm(
+    "quant_variation",
+    "Quantization Variation (Huang et al., TMLR 2024; docs/methods.md §3)",
+    train_hooks,
+    train_state,
+)

@@ -29,7 +29,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx import quant
+from qtx.evaluate.outliers import OutlierAccumulator
 from qtx.evaluate.ptq import calibrate_setup
+from qtx.methods.quant_variation.oscillation import oscillating_fractions
 from qtx.models import ModelConfig, build
 from qtx.quant import rule
 
@@ -163,11 +165,9 @@ def analyse(
     (as ``qtx.run.evaluate``); ``oscillation``: a QAT run's tracker
     (``TrainState.extra['oscillation']``) or None.
     """
-    from qtx.evaluate.outliers import OutlierAccumulator
-
     # a QAT run's learned steps belong to its own plan; the analysis calibrates its own
     flat = flatten_dict(params)
-    params = unflatten_dict({k: v for k, v in flat.items() if k[-1] not in ("step", "offset")})
+    params = unflatten_dict({k: v for k, v in flat.items() if not quant.is_quantizer_param(k)})
 
     def calibrated(rules):
         plan = quant.QuantPlan(rules, mode="quantize", calibration="parallel")
@@ -214,8 +214,6 @@ def analyse(
     out["outliers"] = acc.summary()["per_layer"]
     out["oscillation"] = None
     if oscillation:
-        from qtx.methods.quant_variation.oscillation import oscillating_fractions
-
         fr = oscillating_fractions(oscillation)
         out["oscillation"] = {k.removeprefix("oscillating/"): float(v) for k, v in fr.items()}
     return out

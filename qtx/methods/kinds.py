@@ -1,0 +1,143 @@
+"""The kinds of method a paper package defines, each a small typed record (docs/methods.md).
+
+* :class:`PTQMethod`: a post-training calibration method (``config.eval.ptq_methods``): the
+  activation estimator it gives a setup's rules (``minmax`` / ``percentile`` / ``omse``), the
+  reparametrisation it applies first (or None), and ``calibrate``, which yields one or more
+  calibrated candidates (:class:`Calibrated`);
+* :class:`Reparametrisation`: an exact rewrite ``(config, variables) -> (config, variables)``
+  of a trained model, e.g. gamma migration; a config says whether it is applied;
+* :class:`QATInit`: how quantization-aware training starts its quantizers after the plan's
+  own calibration (``config.train.qat_init``);
+* :class:`QATTerm`: what a method adds to every QAT step (:class:`qtx.train.steps.StepHooks`)
+  and the state it keeps in ``TrainState.extra``.
+
+:mod:`qtx.methods.registry` holds one name -> method table per kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from qtx import quant
+from qtx.errors import UserError
+from qtx.models import ModelConfig
+from qtx.train.steps import StepHooks
+
+ESTIMATORS = ("minmax", "percentile", "omse")  # activation estimators a PTQ method may pick
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """A calibrated model ready to evaluate: config, plan (mode quantize), variables."""
+
+    cfg: ModelConfig
+    plan: quant.QuantPlan
+    variables: dict
+    seconds: float
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Reparametrisation:
+    """An exact rewrite of a trained model that its config records.
+
+    * ``config_field``: the boolean :class:`~qtx.models.ModelConfig` field that says the
+      parameters are rewritten (``config.model.<config_field>``);
+    * ``apply(cfg, {"params": ...}) -> (cfg', variables')`` with ``applied(cfg')`` True; it
+      refuses a config that is already reparametrised;
+    * ``params_for(cfg, params)``: parameters of the original model made to fit ``cfg``, a
+      config with ``applied(cfg)`` (an HF checkpoint evaluated under a reparametrised config);
+    * ``source_applied(path)``: whether the checkpoint at ``path`` (``config.init_from``)
+      already holds reparametrised parameters;
+    * ``log_line``: what a run prints when it applies it.
+    """
+
+    name: str
+    paper: str
+    config_field: str
+    apply: Callable[[ModelConfig, dict], tuple[ModelConfig, dict]]
+    params_for: Callable[[ModelConfig, Any], Any]
+    source_applied: Callable[[str], bool]
+    log_line: str
+
+    def applied(self, cfg: ModelConfig) -> bool:
+        """Whether ``cfg`` is already reparametrised (a method must not apply it again)."""
+        return bool(getattr(cfg, self.config_field))
+
+
+class PTQMethod(Protocol):
+    """A post-training calibration method (``config.eval.ptq_methods``)."""
+
+    name: str
+    paper: str
+    estimator: str  # one of ESTIMATORS: the activation estimator of the setup's rules
+    reparametrisation: Reparametrisation | None  # applied before calibration, or None
+
+    def rules(
+        self, setup: str, options: Mapping | None = None, percentile: float | None = None
+    ) -> tuple:
+        """The rules of ``setup`` (``qtx.quant.setup_rules``) with this method's estimator."""
+        ...
+
+    def calibrate(
+        self,
+        cfg: ModelConfig,
+        setup: str,
+        params,
+        calib: Sequence[dict],
+        options: Mapping | None = None,
+        calibration: str = "sequential",
+        ptq_options: Mapping | None = None,
+    ) -> Iterator[Calibrated]:
+        """The calibrated candidates of ``setup`` (one, or several such as percentile's)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class QATInit:
+    """A QAT initialisation (``config.train.qat_init``): ``refine(cfg, plan, variables,
+    batches) -> (variables, log line)`` moves the quantizers of the calibrated QAT variables
+    (params + ``quant_stats``); None keeps the plan's own calibration."""
+
+    name: str
+    paper: str
+    refine: Callable[[ModelConfig, quant.QuantPlan, dict, Sequence[dict]], tuple[dict, str]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QATTerm:
+    """What a method adds to quantization-aware training.
+
+    * ``hooks(config.train, total steps) -> StepHooks | None`` (None: off in this config);
+    * ``state(config.train, apply_fn, variables, inputs) -> {collection: tree}``: the state
+      it keeps in ``TrainState.extra`` (``{}`` when off); ``apply_fn`` is the QAT model's.
+    """
+
+    name: str
+    paper: str
+    hooks: Callable[[dict, int], StepHooks | None]
+    state: Callable[[dict, Callable, dict, dict], dict]
+
+
+def estimator_rules(
+    setup: str,
+    method: str,
+    estimator: str,
+    options: Mapping | None = None,
+    percentile: float | None = None,
+) -> tuple:
+    """The rules of ``setup`` with ``estimator`` for activations (``method`` names the PTQ
+    method in the error of a preset that takes no activation estimator)."""
+    opts = {**dict(options or {}), "act_estimator": estimator}
+    if percentile is not None:
+        opts["percentile"] = percentile
+    try:
+        return quant.setup_rules(setup, **opts)
+    except TypeError:
+        raise UserError(
+            f"post-training quantization method {method!r} needs a setup whose preset takes "
+            f"an activation estimator; {setup!r} does not (allowed presets: w8a8_all, "
+            "os_fastertransformer, or a bit shortcut)."
+        ) from None
