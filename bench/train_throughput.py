@@ -140,10 +140,10 @@ from common import (  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
 
 import qtx.quant as q  # noqa: E402
+from qtx.evaluate.ptq import calibrate_setup  # noqa: E402
 from qtx.models import build, dummy_inputs  # noqa: E402
 from qtx.models.family import family_names, family_record  # noqa: E402
 from qtx.run.experiment import load as load_experiment  # noqa: E402
-from qtx.train.losses import model_inputs  # noqa: E402
 from qtx.train.optim import make_optimizer  # noqa: E402
 from qtx.train.steps import create_state, make_train_step  # noqa: E402
 
@@ -233,9 +233,7 @@ def qtx_step(exp, plan, batches, seq_len: int):
     init_rng, base_rng = jax.random.split(jax.random.key(0))
     variables = model.init(init_rng, **dummy_inputs(cfg, batch=1, seq_len=seq_len))
     if plan.mode != "off":  # QAT: ranges / LSQ steps from one calibration batch
-        cal = build(cfg, plan.with_mode("calibrate"))
-        fwd = lambda v, b: cal.apply(v, **model_inputs(cfg.family, b), mutable=[q.STATS])
-        variables = q.init_learnable(q.calibrate(fwd, variables, batches[:1]))
+        variables = calibrate_setup(cfg, plan, variables["params"], batches[:1])
     params = variables.pop("params")
     info = {"n_params": count_params(params), "losses": []}
     state = create_state(params, tx, dict(variables))
