@@ -29,6 +29,13 @@ def layer_points(names: str) -> str:
     return LAYER + rf"({names})$"
 
 
+# the outlier tensors of pre-LN stacks (OPT, ViT): every residual-stream output and the final LN
+PRE_LN_OUTLIER_POINTS = (
+    layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
+    r"^final_ln/out$",
+)
+
+
 def text_inputs(batch: dict) -> dict:
     """``input_ids`` and, when present, ``attention_mask`` of a token batch."""
     inputs = {"input_ids": batch["input_ids"]}

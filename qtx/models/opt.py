@@ -18,7 +18,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qtx.models.config import ModelConfig
-from qtx.models.family import Family, layer_points, text_dummy_inputs, text_inputs, text_tokens
+from qtx.models.family import (
+    PRE_LN_OUTLIER_POINTS,
+    Family,
+    text_dummy_inputs,
+    text_inputs,
+    text_tokens,
+)
 from qtx.nn.layers import Dense, Embed, LayerNorm
 from qtx.nn.transformer import run_layers
 from qtx.quant import QuantPlan, QuantPoint
@@ -141,14 +147,8 @@ OPT_FAMILY = Family(
     tasks=("clm",),
     model_inputs=text_inputs,
     dummy_inputs=text_dummy_inputs,
-    kurtosis_points=(
-        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
-        r"^final_ln/out$",
-    ),
-    inf_norm_points=(
-        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
-        r"^final_ln/out$",
-    ),
+    kurtosis_points=PRE_LN_OUTLIER_POINTS,
+    inf_norm_points=PRE_LN_OUTLIER_POINTS,
     headline_point=r"residual_ffn$",
     causal=True,
     finetune_gate_std=0.001,  # the reference's gate init for OPT (docs/methods.md §1)

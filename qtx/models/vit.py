@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from qtx.errors import UserError
 from qtx.models.config import ModelConfig
-from qtx.models.family import Family, image_dummy_inputs, image_inputs, layer_points
+from qtx.models.family import PRE_LN_OUTLIER_POINTS, Family, image_dummy_inputs, image_inputs
 from qtx.nn.heads import Classifier
 from qtx.nn.layers import LayerNorm, PatchEmbed
 from qtx.nn.transformer import run_layers
@@ -120,14 +120,8 @@ VIT_FAMILY = Family(
     tasks=("image",),
     model_inputs=image_inputs,
     dummy_inputs=image_dummy_inputs,
-    kurtosis_points=(
-        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
-        r"^final_ln/out$",
-    ),
-    inf_norm_points=(
-        layer_points("residual_ffn|ffn/out|ffn_ln/out|attn/out|attn_ln/out"),
-        r"^final_ln/out$",
-    ),
+    kurtosis_points=PRE_LN_OUTLIER_POINTS,
+    inf_norm_points=PRE_LN_OUTLIER_POINTS,
     headline_point=r"residual_ffn$",
     images=True,
     noop_tokens="class",
