@@ -1,9 +1,8 @@
-"""Post-training quantization of trained parameters: calibrate, freeze, evaluate.
+"""Calibration of a quantization plan on trained parameters (PTQ, and the start of QAT).
 
-For a setup (``"W8A8"``, ``"os_fastertransformer:W6A6E6"``, ...): the model is rebuilt with
-the setup's rules, run over calibration batches from the *training* split in ``calibrate``
-mode (ranges accumulate in ``quant_stats``), and then evaluated in ``quantize`` mode with the
-ranges frozen. Setups with learnable steps (LSQ) get them from the calibrated ranges.
+The model is rebuilt with the plan's rules and run over calibration batches in ``calibrate``
+mode (ranges accumulate in ``quant_stats``); the ranges are then frozen for ``quantize`` mode,
+and learnable steps (LSQ) start from them. ``qtx.run.ptq`` evaluates the calibrated setups.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
 
 from qtx import quant
 from qtx.models import ModelConfig, build, dummy_inputs
@@ -23,8 +24,10 @@ def with_quantizer_params(cfg: ModelConfig, plan: quant.QuantPlan, params) -> di
     if not any(r.spec is not None and r.spec.learn != "none" for r in plan.rules):
         return params
     model = build(cfg, plan.with_mode("calibrate"))
-    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))["params"]
-    fresh = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), fresh)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(cfg)))["params"]
+    if set(flatten_dict(shapes)) == set(flatten_dict(params)):
+        return params  # trained with the plan's quantizers: nothing to add, nothing copied
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     return merge_pretrained(fresh, params, new_ok=(quant.QUANTIZER_PARAM_PATTERN,), droppable=())
 
 
