@@ -3,6 +3,7 @@ line naming the config field and the allowed names, and a method registered unde
 is what ``evaluate_setup`` runs when a config asks for it (and only then)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,22 @@ def test_combined_hooks_sum_losses_and_run_every_update():
     seen = both.observe({"ca": 5, "cb": 6})
     extra, metrics = both.update({}, seen, 0)
     assert extra == {"a": 5, "b": 6} and metrics == {"seena": 5, "seenb": 6}
+
+
+def test_a_reparametrisation_reads_its_field_from_the_source_workdir(tmp_path):
+    """``config.init_from`` already holds migrated parameters when its workdir's config.json
+    says ``model.gamma_migrated``; an HF checkpoint (original model) or no config never does."""
+    rep = registry.reparametrisation("gamma_migration")
+
+    def workdir(name, model, weights=False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model": model}))
+        if weights:
+            (d / "model.safetensors").write_bytes(b"")
+        return str(d)
+
+    assert rep.source_applied(workdir("migrated", {"gamma_migrated": True}))
+    assert not rep.source_applied(workdir("plain", {"gamma_migrated": False}))
+    assert not rep.source_applied(workdir("hf", {"gamma_migrated": True}, weights=True))
+    assert not rep.source_applied(str(tmp_path / "missing"))

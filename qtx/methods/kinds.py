@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from qtx import quant
 from qtx.errors import UserError
 from qtx.models import ModelConfig
+from qtx.train.pretrained import source_model_field
 from qtx.train.steps import StepHooks
 
 ESTIMATORS = ("minmax", "percentile", "omse")  # activation estimators a PTQ method may pick
@@ -49,8 +50,6 @@ class Reparametrisation:
       refuses a config that is already reparametrised;
     * ``params_for(cfg, params)``: parameters of the original model made to fit ``cfg``, a
       config with ``applied(cfg)`` (an HF checkpoint evaluated under a reparametrised config);
-    * ``source_applied(path)``: whether the checkpoint at ``path`` (``config.init_from``)
-      already holds reparametrised parameters;
     * ``log_line``: what a run prints when it applies it.
     """
 
@@ -59,12 +58,16 @@ class Reparametrisation:
     config_field: str
     apply: Callable[[ModelConfig, dict], tuple[ModelConfig, dict]]
     params_for: Callable[[ModelConfig, Any], Any]
-    source_applied: Callable[[str], bool]
     log_line: str
 
     def applied(self, cfg: ModelConfig) -> bool:
         """Whether ``cfg`` is already reparametrised (a method must not apply it again)."""
         return bool(getattr(cfg, self.config_field))
+
+    def source_applied(self, path: str) -> bool:
+        """Whether the checkpoint at ``path`` (``config.init_from``) already holds
+        reparametrised parameters: a qtx workdir trained with ``config_field`` True."""
+        return bool(source_model_field(path, self.config_field))
 
 
 class PTQMethod(Protocol):

@@ -124,17 +124,18 @@ def load_pretrained(path: str, cfg: ModelConfig):
     )
 
 
-def source_gamma_migrated(path: str) -> bool:
-    """Whether ``config.init_from`` holds gamma-migrated parameters (a qtx workdir trained with
-    ``config.model.gamma_migrated=True``); Hugging Face checkpoints never do."""
+def source_model_field(path: str, field: str):
+    """``model.<field>`` of the qtx workdir ``path`` (its ``config.json``), e.g. whether
+    ``config.init_from`` was trained reparametrised; None for Hugging Face checkpoints (they
+    hold original models) and unreadable configs."""
     if is_hf_dir(path):
-        return False
+        return None
     try:
         with open(os.path.join(path, "config.json")) as f:
             raw = json.load(f)
     except (OSError, ValueError):
-        return False
-    return bool(((raw.get("model") or {}) if isinstance(raw, dict) else {}).get("gamma_migrated"))
+        return None
+    return ((raw.get("model") or {}) if isinstance(raw, dict) else {}).get(field)
 
 
 def teacher_config(path: str, student: ModelConfig) -> ModelConfig:

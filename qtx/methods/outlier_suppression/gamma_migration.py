@@ -31,7 +31,6 @@ from qtx.errors import UserError
 from qtx.methods.kinds import Reparametrisation
 from qtx.models import ModelConfig
 from qtx.models.family import family_record
-from qtx.train.pretrained import source_gamma_migrated
 
 PAPER = "Outlier Suppression (Wei et al., NeurIPS 2022; docs/methods.md §2)"
 
@@ -150,6 +149,5 @@ GAMMA_MIGRATION = Reparametrisation(
     config_field="gamma_migrated",
     apply=migrate_gamma,
     params_for=migrate_params_for,
-    source_applied=source_gamma_migrated,
     log_line="gamma migration: LayerNorm gammas moved into the following weights",
 )
