@@ -2,13 +2,15 @@
 parameters alone, the abstract tree built from the step, placement, a chosen step, stored
 extra collections, and the errors for damaged steps."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qtx.errors import UserError
-from qtx.train.checkpoint import Checkpointer
+from qtx.train.checkpoint import DAMAGED_DIR, Checkpointer
 from qtx.train.steps import TrainState
 
 
@@ -75,5 +77,8 @@ def test_damaged_newest_falls_back_and_a_damaged_chosen_step_is_an_error(workdir
     with pytest.raises(UserError, match=r"checkpoint step 2 is damaged \(.*SHA-256 mismatch\)"):
         ck.restore_newest(abstract(state(0).params), step=2)
     r = ck.restore_newest(abstract(state(0).params), move_aside=False)
-    assert r.step == 1
+    assert r.step == 1 and os.path.isdir(ck.step_dir(2))  # left in place
+    r = ck.restore_newest(abstract(state(0).params))
+    assert r.step == 1 and not os.path.exists(ck.step_dir(2))
+    assert os.path.isdir(os.path.join(workdir, DAMAGED_DIR, "2"))  # moved aside
     ck.close()
