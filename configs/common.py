@@ -46,6 +46,14 @@ ATTENTION = {
         "clipped": {"softmax": "clipped", "alpha": 4.0, "softmax_T": 197},
         "gated": {"gate": "linear", "pi_init": 0.25},
     },
+    # LLaMA-style decoders (docs/methods.md §4): the Gated Attention paper's best gate (G1,
+    # elementwise, no bias, N(0, 0.02)), softpick, and learned sinks (gpt-oss)
+    "llama": {
+        "vanilla": {},
+        "gated": {"gate": "elementwise"},
+        "softpick": {"softmax": "softpick"},
+        "sink": {"softmax": "sink"},
+    },
 }
 
 
@@ -55,6 +63,9 @@ _TYPES = {
     "alpha": float,
     "pi_init": float,
     "gate_init_std": float,
+    "num_kv_heads": int,
+    "head_dim": int,
+    "rope_scaling": object,
 }
 
 # Types of the fields whose default is None ("unset"), so the command line can set them;
@@ -220,6 +231,23 @@ def bert_mlm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
 
 # The paper's OPT-350m / 1.3B are the reference code's architecture (pre-LN, 768-wide
 # embedding projection, 1024 positions), not the HF checkpoints' (see qtx.models.registry).
+def tiny_clm(c: ml_collections.ConfigDict) -> None:
+    """The ``:tiny`` causal-LM run: the embedded WikiText-2 with the embedded BPE, seq 128,
+    batch 16, 200 steps at lr 1e-3, one device axis, no remat."""
+    c.data.update(
+        name="wikitext2_embedded",
+        tokenizer="qtx:bpe",
+        seq_len=128,
+        batch_size=16,
+        max_eval_batches=20,
+    )
+    c.optim.update(lr=1e-3, warmup_steps=20, grad_accum=1)
+    c.train.update(steps=200, log_every=20, eval_every=0, checkpoint_every=100)
+    c.eval.update(calib_batches=4, calib_batch_size=8)
+    c.model.remat = False
+    c.mesh.update(data=-1, fsdp=1)
+
+
 PAPER_OPT = {"opt-125m": "opt-125m", "opt-350m": "opt-350m-qt", "opt-1.3b": "opt-1.3b-qt"}
 
 
@@ -286,18 +314,61 @@ def opt_clm(variant: str, arg: str | None, size: str = "opt-125m") -> ml_collect
             c.model.update(word_embed_proj_dim=64)
         if variant == "clipped":
             c.model.attention.softmax_T = 128
-        c.data.update(
-            name="wikitext2_embedded",
-            tokenizer="qtx:bpe",
-            seq_len=128,
-            batch_size=16,
-            max_eval_batches=20,
-        )
-        c.optim.update(lr=1e-3, warmup_steps=20, grad_accum=1)
-        c.train.update(steps=200, log_every=20, eval_every=0, checkpoint_every=100)
-        c.eval.update(calib_batches=4, calib_batch_size=8)
-        c.model.remat = False
-        c.mesh.update(data=-1, fsdp=1)
+        tiny_clm(c)
+    return overridable(c)
+
+
+# LLM quantization setups every decoder config evaluates (qtx.quant.presets): the papers'
+# static W8A8, serving's per-token W8A8, and 4-bit per-group weights with 8-bit or FP inputs
+DECODER_SETUPS = ("w8a8_static", "w8a8_dynamic", "w4a8", "w4a16")
+LLAMA_SIZES = ("llama-125m", "llama-1b")
+
+
+def llama_clm(variant: str, arg: str | None) -> ml_collections.ConfigDict:
+    """A LLaMA-style decoder pretrained on wiki40b with an attention variant (docs/methods.md §4).
+
+    ``arg``: the size (``125m``, the default, or ``1b``) and/or ``tiny``. Full recipes: seq 1024,
+    batch 256, 60k steps, lr 6e-4 (125m); seq 2048, batch 512, 50k steps, lr 3e-4, remat and
+    FSDP over 8 devices (1b); AdamW (0.9, 0.95), weight decay 0.1, cosine decay after 2000
+    warmup steps, clipping at 1.0, bfloat16 matmuls.
+    """
+    size, tiny = parse_arg(arg, f"llama_{variant}", ("125m", "1b"), combined=True)
+    name = f"llama-{size}"
+    c = base("clm", name, ATTENTION["llama"][variant])
+    c.model.update(dtype="bfloat16", max_positions=1024 if size == "125m" else 2048)
+    c.data.update(
+        name="wiki40b",
+        # Llama-2's 32000-token tokenizer (125m); Llama-3's 128256 tokens (1b, a gated repo:
+        # accept its license on the hub first, or give any Llama-3 tokenizer directory)
+        tokenizer="TinyLlama/TinyLlama_v1.1" if size == "125m" else "meta-llama/Llama-3.2-1B",
+        seq_len=1024 if size == "125m" else 2048,
+        batch_size=256 if size == "125m" else 512,
+        max_eval_batches=500,
+    )
+    c.optim.update(
+        lr=6e-4 if size == "125m" else 3e-4,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        schedule="cosine",
+        warmup_steps=2000,
+        clip_norm=1.0,
+        grad_accum=2 if size == "125m" else 4,
+    )
+    c.train.update(
+        steps=60_000 if size == "125m" else 50_000,
+        log_every=100,
+        eval_every=10_000,
+        checkpoint_every=2000,
+    )
+    c.eval.update(setups=DECODER_SETUPS, calib_batches=4, calib_batch_size=8)
+    if size == "1b":
+        c.model.remat = True
+        c.mesh.update(data=-1, fsdp=8)
+    if tiny:
+        c.model.update(name="llama-tiny", dtype="float32", max_positions=128)
+        tiny_clm(c)
     return overridable(c)
 
 

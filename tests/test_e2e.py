@@ -38,7 +38,17 @@ POINTS = {
     "bert_base_gated": {"W8A8": (51, 58)},
     "vit_s16_gated": {"W8A8": (49, 52)},
     "bert_base_glue": {"W8A8": (137, 144), "os_fastertransformer:W6A6E6": (91, 143)},
+    # the LLM presets: static W8A8 everywhere but the FFN's fused pre-activations and the head;
+    # per-token W8A8 and W4A8 at the 7 kernels and 8 matmul inputs per layer; W4A16 the kernels
+    "llama_gated": {
+        "w8a8_static": (48, 55),
+        "w8a8_dynamic": (30, 55),
+        "w4a8": (30, 55),
+        "w4a16": (14, 55),
+    },
 }
+CAUSAL = ("opt125m_gated", "llama_gated")  # their eval adds the decoder outlier metrics
+HEADLINE = {"llama_gated": "w8a8_static"}  # the setup that must stay close to FP (else W8A8)
 
 
 def run_script(env, script, *args):
@@ -63,7 +73,8 @@ def check_schema(res, metric, config, workdir):
     assert type(res["step"]) is int and res["step"] > 0
     fp = res["fp"]
     stats = {"max_inf_norm", "avg_kurtosis", "headline_inf_norm"}
-    assert set(fp) == {metric, "loss", "per_layer"} | stats
+    decoder = {"decoder_outliers"} if config in CAUSAL else set()
+    assert set(fp) == {metric, "loss", "per_layer"} | stats | decoder
     assert all(type(fp[k]) is float for k in stats | {metric, "loss"})
     per = fp["per_layer"]
     assert per and all(set(v) == {"inf_norm", "kurtosis"} for v in per.values())
@@ -90,7 +101,14 @@ def check_schema(res, metric, config, workdir):
             assert r[metric] == pytest.approx(math.exp(r["loss"]), rel=1e-9)
         else:
             assert 0.0 <= r[metric] <= 1.0
-    assert res["figures"] == [str(workdir / "outliers.png"), str(workdir / "attention_mass.png")]
+    figures = ["outliers.png", "decoder_outliers.png", "attention_mass.png"]
+    if config not in CAUSAL:
+        figures.remove("decoder_outliers.png")
+    assert res["figures"] == [str(workdir / f) for f in figures]
+    if decoder:
+        d = fp["decoder_outliers"]
+        assert 0 < d["first_token_mass"] < 1 and d["max_activation"] > 0
+        assert len(d["per_layer"]) == 2
 
 
 @pytest.mark.slow
@@ -100,6 +118,7 @@ def check_schema(res, metric, config, workdir):
         ("opt125m_gated", "perplexity"),
         ("bert_base_gated", "perplexity"),
         ("vit_s16_gated", "accuracy"),
+        ("llama_gated", "perplexity"),
         pytest.param("bert_base_glue", "accuracy", marks=NEEDS_GLUE),
     ],
 )
@@ -109,6 +128,7 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
     cut = {
         "opt125m_gated": ["--config.train.steps=40"],
         "bert_base_gated": ["--config.train.steps=40"],
+        "llama_gated": ["--config.train.steps=40"],
         "bert_base_glue": [
             "--config.train.steps=60",
             "--config.train.max_eval_batches=20",
@@ -133,7 +153,7 @@ def test_tiny_train_then_eval(tmp_path, config, metric):
         # quantization changed the model's outputs (the loss moved) ...
         assert r["loss"] != fp["loss"], name
     # ... and W8A8 stays close to full precision
-    w8 = res["quantized"]["W8A8"]
+    w8 = res["quantized"][HEADLINE.get(config, "W8A8")]
     assert abs(w8["loss"] - fp["loss"]) < 0.1, (w8["loss"], fp["loss"])
     if config == "opt125m_gated":
         check_export_reproduces_eval(tmp_path, arg, cut, env, res)

@@ -27,7 +27,7 @@ from qtx.models.opt import OPT_FAMILY
 from qtx.run import experiment
 from qtx.train.losses import HEAD_OF_TASK, TASKS, model_inputs
 
-BUILT_IN = ("bert", "roberta", "opt", "vit", "swin")
+BUILT_IN = ("bert", "roberta", "opt", "vit", "swin", "llama")
 NEW = "tinyopt"
 
 
@@ -58,7 +58,7 @@ def new_family():
 
 def test_the_built_in_families_are_registered_in_order():
     assert family_names()[: len(BUILT_IN)] == BUILT_IN
-    assert families_of_task("clm") == ("opt",)
+    assert families_of_task("clm") == ("opt", "llama")
     assert families_of_task("mlm") == families_of_task("classification") == ("bert", "roberta")
     assert families_of_task("image") == ("vit", "swin")
 
@@ -82,7 +82,7 @@ def test_every_family_builds_and_runs_from_its_record(family):
 
 
 def test_an_unknown_family_is_a_one_line_error():
-    allowed = "allowed: bert, roberta, opt, vit, swin."
+    allowed = "allowed: bert, roberta, opt, vit, swin, llama."
     with pytest.raises(UserError, match="config.model.family='gpt' is invalid; " + allowed):
         family_record("gpt")
     with pytest.raises(UserError) as err:
@@ -128,7 +128,7 @@ def test_a_family_registered_at_run_time_needs_only_its_record(new_family):
 def test_a_family_of_another_task_is_refused_by_name(new_family):
     c = common.opt_clm("gated", "tiny")
     c.model.update(family="bert", head="mlm")
-    with pytest.raises(UserError, match="allowed families: opt, tinyopt"):
+    with pytest.raises(UserError, match="allowed families: opt, llama, tinyopt"):
         experiment.load(c)
 
 
@@ -149,7 +149,10 @@ def test_every_converter_implements_the_protocol():
         assert family in converter.converter(family).MODEL_TYPES.values()
     assert converter.converter_of_model_type("deit") is convert_vit
     assert converter.converter_of_model_type("gpt2") is None
-    assert converter.model_types() == ["bert", "deit", "opt", "roberta", "swin", "vit"]
+    assert converter.model_types() == [
+        "bert", "deit", "llama", "mistral", "opt", "qwen2", "qwen3", "qwen3_5_text", "roberta",
+        "swin", "vit",
+    ]  # fmt: skip
 
 
 def test_remote_config_names_the_base_model_classes():

@@ -98,7 +98,12 @@ FAMILY_CASES = {
     "vit": ("vit-tiny", {}),
     "deit-distilled": ("vit-tiny", {"distillation_token": True}),
     "swin": ("swin-tiny", {}),
+    "llama": ("llama-tiny", {}),
+    "qwen3-like": ("llama-tiny", {"qk_norm": True, "tie_embeddings": False, "head_dim": 16}),
 }
+# points of one layer: 22 in the shared layer; the decoder's SwiGLU has two more (gate, up
+# and their projections instead of fc1, hidden, fc2), q/k norms two more
+LAYER_POINTS = {"llama": 24, "qwen3-like": 26}
 
 
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES))
@@ -116,7 +121,7 @@ def test_point_names_match_the_documentation(case):
         assert key in doc, f"point {p} is not documented"
         assert doc[key] == kind
     first = "stage_0/layer_1/" if cfg.family == "swin" else "layer_1/"
-    assert sum(p.startswith(first) for p in pts) == 22
+    assert sum(p.startswith(first) for p in pts) == LAYER_POINTS.get(case, 22)
 
 
 # Small text models: one layer, narrow, a short vocabulary (fast to compile).

@@ -7,6 +7,9 @@
 * ``attention_mass.png``: for each layer and head, the mean over real query tokens of the
   probability mass on special / delimiter tokens ([CLS], [SEP], '.', ',', </s>) and on the
   first token of the sequence: the heads that learned to "do nothing".
+* ``decoder_outliers.png`` (causal decoders): per layer, the largest |x| of the residual
+  stream and the attention mass on the first token and on the largest-mass key (see
+  ``qtx.evaluate.decoder_outliers``).
 """
 
 from __future__ import annotations
@@ -242,6 +245,75 @@ def plot_attention_mass(
     fig.colorbar(im, ax=ax, label="attention mass on special / first tokens")
     what = title or "no-op attention per head"
     ax.set_title(run_title(what, workdir, step, family, sep="\n"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_decoder_outliers(
+    summary: dict,
+    path: str,
+    title: str = "",
+    *,
+    workdir: str | None = None,
+    step=None,
+    family: str = "",
+):
+    """``decoder_outliers.png`` of a causal decoder's ``summary``
+    (:class:`qtx.evaluate.decoder_outliers.DecoderOutlierAccumulator`): per layer, the
+    largest ``|x|`` of the residual stream (max over the data, and the median over sequences
+    of each sequence's max), and the attention mass on the first token and on each query's
+    largest-mass key (means over queries and heads). Titled with the run of ``workdir`` and
+    ``step``; returns the (closed) figure."""
+    rows = summary.get("per_layer", [])
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    panels = (
+        (
+            axes[0],
+            (
+                ("max_activation", "max over sequences"),
+                ("median_sequence_max", "median over sequences"),
+            ),
+            "largest |x| of the layer output\n(residual stream)",
+        ),
+        (
+            axes[1],
+            (("first_token_mass", "first token"), ("top_key_mass", "largest-mass key")),
+            "attention mass, mean over\nqueries and heads",
+        ),
+    )
+    for ax, series, label in panels:
+        values = []
+        for index, (key, name) in enumerate(series):
+            pts = [(r["layer"], float(r[key])) for r in rows if key in r]
+            pts = [(x, y) for x, y in pts if math.isfinite(y)]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, label=name, **series_style(index))
+                values += list(ys)
+        layers = [r["layer"] for r in rows]
+        if layers:
+            ax.set_xticks(range(0, max(layers) + 1, max(1, math.ceil(len(layers) / 12))))
+        if values:
+            fit_y_axis(ax, values)
+            ax.legend(fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.12, which="minor")
+    top = summary.get("max_activation")
+    if top is not None and math.isfinite(top):
+        axes[0].set_title(
+            f"max |x| = {top:.4g} (layer {summary['max_activation_layer']}, position "
+            f"{summary['max_activation_position']}, channel {summary['max_activation_channel']})",
+            fontsize=9,
+        )
+    mass = summary.get("first_token_mass")
+    if mass is not None and math.isfinite(mass):
+        axes[1].set_title(f"first-token mass = {mass:.3f} (mean over layers and heads)", fontsize=9)
+    fig.suptitle(run_title(title or "decoder outliers per layer", workdir, step, family))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

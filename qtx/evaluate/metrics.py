@@ -17,7 +17,10 @@ import numpy as np
 
 from qtx.data.glue import glue_task
 from qtx.errors import UserError
+from qtx.evaluate.decoder_outliers import COLLECTION as DECODER
+from qtx.evaluate.decoder_outliers import with_decoder_statistics
 from qtx.evaluate.outliers import OutlierAccumulator
+from qtx.models.family import family_record
 from qtx.train.mesh import fetch
 from qtx.train.steps import make_eval_step
 
@@ -121,6 +124,11 @@ def run_eval(
             outliers.update(
                 fetch(collected["intermediates"]), None if mask is None else fetch(mask)
             )
+        if outliers is not None and DECODER in collected:
+            mask = dev.get("example_mask")
+            outliers.update_decoder(
+                fetch(collected[DECODER]), None if mask is None else fetch(mask)
+            )
     if n == 0:
         raise UserError("evaluation got no batches; check config.data and max_eval_batches.")
     out = {"loss": float(np.mean(batch_means)) if batch_means else float("nan"), "batches": n}
@@ -147,7 +155,10 @@ def make_evaluate(
     """``evaluate(variables, accumulator=None) -> metrics``: :func:`run_eval` of ``model``'s
     jitted eval step (``qtx.train.steps.make_eval_step``, compiled once) over a fresh
     ``batches()`` per call. ``outliers``: the step also returns the ``intermediates`` the
-    model sows, fed to the ``accumulator`` (an :class:`OutlierAccumulator`)."""
+    model sows, fed to the ``accumulator`` (an :class:`OutlierAccumulator`); for a causal
+    family also the decoder statistics (``qtx.evaluate.decoder_outliers``), reduced in the step."""
+    if outliers and family_record(family).causal:
+        model = with_decoder_statistics(model)
     step = jax.jit(make_eval_step(model, family, task, ("intermediates",) if outliers else ()))
 
     def evaluate(variables, accumulator: OutlierAccumulator | None = None) -> dict:

@@ -7,6 +7,10 @@ needed. Here the values are averaged over all validation sequences per tracked t
 * ``max_inf_norm`` = max over the inf-norm tensors of their mean inf norm;
 * ``avg_kurtosis`` = mean over the kurtosis tensors of their mean kurtosis;
 * ``per_layer`` keeps every tensor's two means for plots.
+
+For causal decoders (``Family.causal``) the accumulator also combines the massive-activation
+and attention-sink statistics of :mod:`qtx.evaluate.decoder_outliers` (summary key
+``decoder_outliers``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from qtx.evaluate.decoder_outliers import DecoderOutlierAccumulator
 from qtx.models.family import family_record
 
 # The tensors of each family (``Family.kurtosis_points``, ``inf_norm_points``: regexes over
@@ -36,6 +41,12 @@ class OutlierAccumulator:
         self.family = family
         self.sums: dict[str, dict[str, float]] = {}
         self.counts: dict[str, int] = {}
+        self.decoder = DecoderOutlierAccumulator() if family_record(family).causal else None
+
+    def update_decoder(self, tree, weights=None) -> None:
+        """The decoder statistics of one batch (see :mod:`qtx.evaluate.decoder_outliers`)."""
+        if self.decoder is not None:
+            self.decoder.update(tree, weights)
 
     def update(self, intermediates, weights=None) -> None:
         """``intermediates``: the sown tree; ``weights`` (B,) marks real (non-padding) rows."""
@@ -53,7 +64,8 @@ class OutlierAccumulator:
                 self.counts[name] = self.counts.get(name, 0) + float(ww.sum())
 
     def summary(self) -> dict:
-        """``{"max_inf_norm", "avg_kurtosis", "headline_inf_norm", "per_layer": {...}}``."""
+        """``{"max_inf_norm", "avg_kurtosis", "headline_inf_norm", "per_layer": {...}}`` and,
+        for a decoder that saw batches, ``"decoder_outliers"``."""
         rec = family_record(self.family)
         kurt_pat, inf_pat = rec.kurtosis_points, rec.inf_norm_points
         per = {}
@@ -66,9 +78,11 @@ class OutlierAccumulator:
 
         infs, kurts = pick(inf_pat, "inf_norm"), pick(kurt_pat, "kurtosis")
         head = pick((rec.headline_point,), "inf_norm")
-        return {
+        out = {
             "max_inf_norm": float(max(infs)) if infs else float("nan"),
             "avg_kurtosis": float(np.mean(kurts)) if kurts else float("nan"),
             "headline_inf_norm": float(max(head)) if head else float("nan"),
             "per_layer": per,
         }
+        decoder = self.decoder.summary() if self.decoder is not None else {}
+        return {**out, "decoder_outliers": decoder} if decoder else out

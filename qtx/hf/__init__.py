@@ -8,7 +8,8 @@
   or QAT-trained model, applied in PyTorch by ``remote/quantization_qtx.py``;
 * ``load_tokenizer(path)``: the directory's ``AutoTokenizer``.
 
-Families: BERT, RoBERTa, OPT, ViT, DeiT and Swin (see ``convert_*`` for the key mappings),
+Families: BERT, RoBERTa, OPT, ViT, DeiT, Swin and the LLaMA-style decoders (Llama, Mistral,
+Qwen2, Qwen3, Qwen3.5 text models; ``convert_llama``), see ``convert_*`` for the key mappings,
 each translated by a converter module of the protocol ``converter.Converter``, found with
 ``converter.converter(family)``.
 """

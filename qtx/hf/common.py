@@ -24,8 +24,10 @@ ACTIVATIONS_FROM_HF = {
     "gelu_new": "gelu_new",
     "gelu_pytorch_tanh": "gelu_new",
     "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
-ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}
+ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,11 @@ def layer_norm(ours: str, hf: str, head: bool = False) -> list[Entry]:
         Entry(p + ("scale",), f"{hf}.weight", "copy", head),
         Entry(p + ("bias",), f"{hf}.bias", "copy", head),
     ]
+
+
+def rms_norm(ours: str, hf: str) -> list[Entry]:
+    """An RMSNorm: ``hf.weight`` <-> ``ours/scale`` (no bias)."""
+    return [Entry(tuple(ours.split("/")) + ("scale",), f"{hf}.weight")]
 
 
 def embed(ours: str, hf: str) -> list[Entry]:

@@ -6,6 +6,17 @@ values: configs both ways, the :class:`~qtx.hf.common.Entry` layout that maps ev
 the state-dict clean-ups of loading and what an export cannot represent. Optionally it also
 reads the family's original-format (timm) files. :func:`converter` finds the converter of a
 family, :func:`converter_of_model_type` that of a ``config.json``.
+
+Optional members (looked up with ``getattr``):
+
+* ``ARCHITECTURE_MODEL_TYPES``: HF architecture -> its model_type, for architectures whose
+  names do not start with their model_type (``Qwen3_5ForCausalLM``: ``qwen3_5_text``);
+* ``unfuse(sd, cfg, layout)``: the canonical state dict with tensors that HF fuses split into
+  the keys of ``layout`` (the full layout, gates included), before the entries are mapped;
+* ``fuse(sd, cfg, layout)``: the inverse on export, applied to the canonical torch-layout
+  state dict before the base-model prefix is added;
+* ``native_attention(cfg)``: True when the HF class itself computes ``cfg``'s attention
+  variant (Qwen3.5's output gate), so :func:`qtx.hf.variants.is_variant` needs no remote code.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from qtx.errors import UserError
-from qtx.hf import convert_bert, convert_opt, convert_swin, convert_vit
+from qtx.hf import convert_bert, convert_llama, convert_opt, convert_swin, convert_vit
 from qtx.hf.common import Entry, OriginalFormat
 from qtx.models.config import ModelConfig
 
@@ -61,7 +72,7 @@ class Converter(Protocol):
         """The ``transformers`` config of ``cfg``, with ``architectures``."""
 
 
-_CONVERTERS: list[Converter] = [convert_bert, convert_opt, convert_vit, convert_swin]
+_CONVERTERS: list[Converter] = [convert_bert, convert_opt, convert_vit, convert_swin, convert_llama]
 
 
 def register(conv: Converter) -> Converter:

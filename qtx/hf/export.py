@@ -56,9 +56,11 @@ def state_dict_to_hf(cfg: ModelConfig, params: Mapping) -> dict[str, np.ndarray]
             "equivalent; qtx's own orbax checkpoints keep them)."
         )
     prefix = module.base_prefix(cfg)
-    return {
-        ("" if e.head else prefix) + e.hf: to_hf(e.kind, np.asarray(flat[e.ours])) for e in entries
-    }
+    sd = {e.hf: to_hf(e.kind, np.asarray(flat[e.ours])) for e in entries}
+    if hasattr(module, "fuse"):  # tensors HF fuses (a q_proj holding the output gate)
+        sd = module.fuse(sd, cfg, entries)
+    head = {e.hf for e in entries if e.head}
+    return {("" if k in head else prefix) + k: v for k, v in sd.items()}
 
 
 def export(path, cfg: ModelConfig, variables: Mapping) -> str:

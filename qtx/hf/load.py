@@ -51,7 +51,12 @@ def _hf_config_object(d: dict):
 def _arch_and_head(c, module, head: str | None) -> tuple[str | None, str]:
     archs = list(getattr(c, "architectures", None) or [])
     arch = archs[0] if archs else None
-    allowed = [a for a in module.ARCHITECTURES if a.lower().startswith(c.model_type)]
+    owner = getattr(module, "ARCHITECTURE_MODEL_TYPES", {})  # when names don't tell
+    allowed = [
+        a
+        for a in module.ARCHITECTURES
+        if (owner[a] == c.model_type if a in owner else a.lower().startswith(c.model_type))
+    ]
     if arch is not None and arch not in allowed:
         raise UserError(
             f"architecture {arch!r} is not supported; allowed for model_type "
@@ -64,7 +69,7 @@ def _arch_and_head(c, module, head: str | None) -> tuple[str | None, str]:
 def config_from_hf(hf_config, *, head: str | None = None) -> ModelConfig:
     """ModelConfig of a HF config (``config.json`` dict or ``PretrainedConfig``).
 
-    The family comes from ``model_type`` (bert, roberta, opt, vit, deit, swin), the head from
+    The family comes from ``model_type`` (:func:`qtx.hf.converter.model_types`), the head from
     ``architectures[0]`` (base models: ``none``) unless ``head`` is given. A qtx export with
     an attention variant (``model_type`` ``qtx_*``) gives its ``qtx_attention``.
     """
@@ -82,8 +87,11 @@ def _convert(sd: Mapping, cfg: ModelConfig):
     """``(flat params, {path: hf key}, {paths of head entries})`` of the vanilla ``cfg``
     model; raises on checkpoint keys that map to nothing and on parameters left without a
     checkpoint value."""
-    sd, _ = converter(cfg.family).canonical(dict(sd), cfg)
+    module = converter(cfg.family)
+    sd, _ = module.canonical(dict(sd), cfg)
     layout = full_layout(cfg)
+    if hasattr(module, "unfuse"):  # tensors HF fuses (a q_proj holding the output gate)
+        sd = module.unfuse(sd, cfg, layout)
     entries = {e.hf: e for e in layout}
     unknown = sorted(k for k in sd if k not in entries)
     if unknown:

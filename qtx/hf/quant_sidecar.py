@@ -13,7 +13,8 @@ Frozen ranges (calibrated ``quant_stats``) give ``(scale, zero_point)`` by the s
 (zero point 0); weights with a dynamic estimator are evaluated on the exported weights.
 Weight tensors are in the checkpoint's torch layout; activation tensors in qtx's (the
 attention points q, k, v, context (B, T, H, Dh); scores, softmax (B, H, T, S)), leading
-singleton axes dropped.
+singleton axes dropped. A zero-centred RMSNorm stores ``w`` and scales by ``1 + w``, which its
+weight point quantizes: such points carry ``"gain_offset": 1.0`` (``w -> q(w + 1) - 1``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def build_sidecar(
         }
         if kind == "weight":
             entry, w = _weight_entry(cfg, name, flat_params)
+            if entry.ours[-1] == "scale" and cfg.norm == "rmsnorm_zero_centered":
+                w = w + 1.0  # the point sees the gain 1 + w (qtx.nn.norms)
+                p.update(gain_offset=1.0)
             channel_axis = 0 if entry.ours[-1] == "embedding" and w.ndim == 2 else -1
             view = make_view(w.shape, spec, channel_axis, None, name)
             p.update(tensor=("" if entry.head else prefix) + entry.hf)

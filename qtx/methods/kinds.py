@@ -142,5 +142,5 @@ def estimator_rules(
         raise UserError(
             f"post-training quantization method {method!r} needs a setup whose preset takes "
             f"an activation estimator; {setup!r} does not (allowed presets: w8a8_all, "
-            "os_fastertransformer, or a bit shortcut)."
+            "os_fastertransformer, w8a8_static, or a bit shortcut)."
         ) from None

@@ -66,6 +66,19 @@ class ModelConfig:
     # Outlier Suppression's gamma migration was applied to the parameters: the LayerNorms are
     # non-scaling (set by qtx.methods.outlier_suppression.migrate_gamma, never by hand)
     gamma_migrated: bool = False
+    # Decoders (families with ``decoder_fields``, qtx.models.llama): grouped-query attention,
+    # head width, rotary positions, RMSNorm kind, q/k norms, biases and the LM head's tie
+    num_kv_heads: int | None = None  # key/value heads (None: num_heads)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0  # rotate the first head_dim * factor dims (even)
+    # Llama-3 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_pos)
+    rope_scaling: tuple | None = None
+    norm: str = "layernorm"  # qtx.nn.norms.NORMS; decoders: rmsnorm, rmsnorm_zero_centered
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Qwen3.5)
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2); use_bias is o_proj's
+    mlp_bias: bool = False  # biases on gate/up/down projections
+    tie_embeddings: bool = True  # the LM head reads the word embedding table
 
     def __post_init__(self):
         def bad(field, allowed):
@@ -87,8 +100,12 @@ class ModelConfig:
         for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
             if int(getattr(self, f)) < 1:
                 bad(f, "a positive integer")
-        if self.hidden_size % self.num_heads:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
             bad("num_heads", f"a divisor of hidden_size={self.hidden_size}")
+        if not family.decoder_fields:
+            for f, default in DECODER_DEFAULTS.items():
+                if getattr(self, f) != default:
+                    bad(f, f"{default!r} for family {self.family!r} (a decoder field)")
         for f in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 bad(f, "a number in [0, 1)")
@@ -141,11 +158,37 @@ class ModelConfig:
             attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
             gamma_migrated=self.gamma_migrated,
             attention_kernel=self.attention_kernel,
+            layer="decoder" if family.decoder_fields else "transformer",
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias if family.decoder_fields else None,
+            qk_norm=self.qk_norm,
+            norm=self.norm,
+            mlp_bias=self.mlp_bias,
             **overrides,
         )
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# decoder-only fields (families with ``decoder_fields``) and their defaults, which every other
+# family must keep
+DECODER_FIELDS = (
+    "num_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "partial_rotary_factor",
+    "rope_scaling",
+    "norm",
+    "qk_norm",
+    "qkv_bias",
+    "mlp_bias",
+    "tie_embeddings",
+)
+DECODER_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in DECODER_FIELDS
+}
 
 
 def model_config_from_dict(d: Mapping[str, Any], base: ModelConfig | None = None) -> ModelConfig:

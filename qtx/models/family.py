@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 
 from qtx.errors import UserError
+from qtx.nn.transformer import run_layers
 
 if TYPE_CHECKING:
     from qtx.models.config import ModelConfig
@@ -74,6 +75,28 @@ def text_tokens(cfg: ModelConfig, seq_len: int) -> int:
     return seq_len
 
 
+def causal_layers(cfg, plan, h, token_mask, deterministic, collect, rope=None):
+    """The layers of a decoder (``cfg`` a ModelConfig) over ``h`` (B, T, D) with the causal
+    mask of the real tokens ``token_mask`` (B, T): ``(h, hidden states or None)`` as
+    :func:`qtx.nn.transformer.run_layers`; ``rope``: the rotary tables, if any."""
+    t = h.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & token_mask[:, None, None, :]
+    return run_layers(
+        cfg.block(),
+        plan,
+        cfg.num_layers,
+        h,
+        mask,
+        token_mask,
+        deterministic,
+        cfg.remat,
+        collect,
+        scan=cfg.scan_layers,
+        remat_policy=cfg.remat_policy,
+        rope=rope,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What is specific to one model family (``config.model.family``)."""
@@ -107,6 +130,12 @@ class Family:
     # family-specific validation, check(cfg, bad) with bad(field, allowed) raising the
     # UserError; runs before the shared checks and may normalise fields (object.__setattr__)
     check: Callable[[ModelConfig, Callable[[str, str], Any]], None] | None = None
+    # a decoder with ModelConfig's decoder fields (GQA, RoPE, RMSNorm, SwiGLU: qtx.nn.decoder)
+    decoder_fields: bool = False
+    # quantization presets (qtx.quant.PRESETS) whose rules do not fit the family's points, and
+    # why: config.quant.preset and config.eval.setups refuse them
+    unfit_presets: tuple[str, ...] = ()
+    unfit_presets_reason: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}

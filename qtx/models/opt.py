@@ -21,12 +21,12 @@ from qtx.models.config import ModelConfig
 from qtx.models.family import (
     PRE_LN_OUTLIER_POINTS,
     Family,
+    causal_layers,
     text_dummy_inputs,
     text_inputs,
     text_tokens,
 )
 from qtx.nn.layers import Dense, Embed, LayerNorm
-from qtx.nn.transformer import run_layers
 from qtx.quant import QuantPlan, QuantPoint
 
 
@@ -110,22 +110,7 @@ class OPT(nn.Module):
         token_mask = attention_mask.astype(bool)
         embed = OPTEmbeddings(c, p, name="embed")
         h = embed(input_ids, attention_mask, deterministic)
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, None] & token_mask[:, None, None, :]
-        h, states = run_layers(
-            c.block(),
-            p,
-            c.num_layers,
-            h,
-            mask,
-            token_mask,
-            deterministic,
-            c.remat,
-            output_hidden_states,
-            scan=c.scan_layers,
-            remat_policy=c.remat_policy,
-        )
+        h, states = causal_layers(c, p, h, token_mask, deterministic, output_hidden_states)
         if c.final_ln:
             h = LayerNorm(p, c.ln_eps, name="final_ln")(h, token_mask)
         width = c.word_embed_proj_dim or c.hidden_size

@@ -17,6 +17,7 @@ from qtx.errors import UserError
 from qtx.models.bert import BERT_FAMILY, ROBERTA_FAMILY
 from qtx.models.config import ModelConfig, model_config_from_dict
 from qtx.models.family import family_record, register
+from qtx.models.llama import LLAMA_FAMILY
 from qtx.models.opt import OPT_FAMILY
 from qtx.models.scan import ScannedModel
 from qtx.models.swin import SWIN_FAMILY
@@ -28,6 +29,7 @@ register(ROBERTA_FAMILY)
 register(OPT_FAMILY)
 register(VIT_FAMILY)
 register(SWIN_FAMILY)
+register(LLAMA_FAMILY)
 
 _BERT = dict(
     family="bert",
@@ -103,6 +105,31 @@ _SWIN = dict(
     max_positions=49,  # tokens of one window
 )
 
+# LLaMA-style decoders (qtx.models.llama): pre-RMSNorm, SwiGLU, RoPE, GQA
+_LLAMA = dict(
+    family="llama",
+    vocab_size=32000,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=4,
+    intermediate_size=2560,
+    max_positions=2048,
+    pre_ln=True,
+    final_ln=True,
+    activation="silu",
+    norm="rmsnorm",
+    ln_eps=1e-5,
+    dropout=0.0,
+    attention_dropout=0.0,
+    use_bias=False,
+    pad_token_id=0,
+    head="clm",
+    pooler=False,
+    type_vocab_size=1,
+    tie_embeddings=True,
+)
+
 # Tiny text models for tests and CPU runs (vocabulary of the embedded tokenizers).
 _TINY_TEXT = dict(
     vocab_size=8192,
@@ -157,6 +184,36 @@ SIZES: dict[str, dict[str, Any]] = {
         max_positions=1024,
     ),
     "opt-tiny": dict(_OPT, **_TINY_TEXT),
+    # ~114M parameters: GPT-small width and depth, 4 key/value heads
+    "llama-125m": _LLAMA,
+    # Llama-3.2-1B's shape (1.24B parameters, tied embeddings, Llama-3 RoPE scaling)
+    "llama-1b": dict(
+        _LLAMA,
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        rope_theta=500000.0,
+        rope_scaling=(32.0, 1.0, 4.0, 8192),
+    ),
+    # Qwen3-0.6B's shape: head width 128 != D / H, q/k RMSNorm, theta 1e6
+    "qwen3-0.6b": dict(
+        _LLAMA,
+        vocab_size=151936,
+        hidden_size=1024,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        max_positions=40960,
+        rope_theta=1000000.0,
+        qk_norm=True,
+        ln_eps=1e-6,
+    ),
+    "llama-tiny": dict(_LLAMA, **{**_TINY_TEXT, "num_kv_heads": 2, "intermediate_size": 384}),
     "vit-s16": _VIT,
     "vit-b16": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),
     "deit-t": dict(_VIT, hidden_size=192, num_heads=3, intermediate_size=768),

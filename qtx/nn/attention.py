@@ -1,40 +1,24 @@
-"""Multi-head attention with softmax variants and gates (Quantizable Transformers).
+"""Multi-head self-attention with named quantization points, variants, GQA and RoPE.
 
-Softmax variants (:class:`AttentionConfig.softmax`):
+The normalisers (vanilla, clipped, normalized clipped, off-by-one, learned sinks, softpick) and
+gates (Quantizable Transformers' and the output gate of Qiu et al.) are configured by
+:class:`~qtx.nn.attention_variants.AttentionConfig` and defined in
+:mod:`qtx.nn.attention_variants` (docs/methods.md §1, §4).
 
-* ``vanilla``;
-* ``clipped``: ``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)``; with ``alpha`` set,
-  ``gamma = -alpha / T`` (``T`` = ``softmax_T`` or the key length) and ``zeta = 1``;
-* ``off_by_one``: ``exp(x_i) / (1 + sum_j exp(x_j))``.
+Decoders (``qtx.models.llama``) add grouped-query attention (``num_kv_heads`` key/value heads,
+each shared by ``H / KV`` query heads), a head width ``head_dim`` independent of D / H,
+per-head RMSNorm on q and k (``qk_norm``, Qwen3) and rotary position embeddings applied to q
+and k after that norm (``rope``, :mod:`qtx.nn.rope`).
 
-Gates multiply each head's output before the output projection:
-``out_h(t) = pi_h(t) * (softmax(q k^T / sqrt(d)) v)_h(t)`` with ``pi = sigmoid(G(x))``:
-
-* ``linear``: per head, ``Linear(d_head -> 1)`` on the head's slice of x;
-* ``mlp`` / ``mlp_wide``: per head, ``d_head -> d_head/4`` (or ``d_head``) ``-> 1`` with ReLU;
-* ``all_heads_linear``: ``Linear(d_model -> n_heads)`` on the full x;
-* initialisation, as the reference code: weights and biases take PyTorch's default Linear init
-  (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) unless ``gate_init_std`` is set (weights
-  ``N(0, gate_init_std)``, hidden biases 0); the output bias is ``logit(pi_init)`` when
-  ``pi_init`` is set (the papers' recipes set it for the per-head linear gate only);
-* ``gate_condition``: ``token`` (one gate per token), ``head`` (logits mean-pooled over the
-  real tokens: one gate per head and sequence; in causal models (OPT) a running mean over
-  positions <= t, so no gate sees a later token) or ``none`` (one learned scalar per head,
-  initialised to 0, or to ``logit(pi_init)`` in fine-tuning mode);
-* ``gate_finetune``: the gate is divided by ``pi_init`` (required) and gate weights start at
-  ``N(0, gate_init_std)`` (the model family's default when unset: 0.01, OPT 0.001) with the
-  output bias ``logit(pi_init)``, for every gate type, so a pretrained model starts unchanged
-  (the reference code does this for the linear gate only).
-
-Points (``head_axis`` in brackets): ``q``, ``k``, ``v``, ``context`` (B, T, H, Dh) [2];
-``scores`` (after the ``1/sqrt(d)`` scaling, before the mask) and ``softmax`` (B, H, T, S) [1];
-``out`` (B, T, D), the output projection. Weights: ``q_proj``, ``k_proj``, ``v_proj`` (or
-``qkv_proj``) and ``o_proj``; the gate lives under ``gate/``.
+Points (``head_axis`` in brackets): ``q`` (B, T, H, Dh), ``k``, ``v`` (B, S, KV, Dh), ``context``
+(B, T, H, Dh) [2]; ``scores`` (after the ``1/sqrt(Dh)`` scaling, before the mask) and ``softmax``
+(B, H, T, S) [1]; ``out`` (B, T, D), the output projection. Weights: ``q_proj``, ``k_proj``,
+``v_proj`` (or ``qkv_proj``), ``o_proj`` and, with ``qk_norm``, ``q_norm`` / ``k_norm``; gates
+live under ``gate/``, learned sink logits in ``sink`` (H,).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -43,180 +27,50 @@ import jax
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.nn.kernels import softmax_last
+from qtx.nn.attention_variants import (
+    FINETUNE_GATE_STD,
+    GATE_CONDITIONS,
+    GATES,
+    SOFTMAXES,
+    AttentionConfig,
+    Gate,
+    attention_probs,
+    clipped_softmax,
+    off_by_one_softmax,
+    softmax,
+    softpick,
+    torch_linear_init,
+)
 from qtx.nn.layers import Dense
+from qtx.nn.norms import RMSNorm
+from qtx.nn.rope import apply_rope
 from qtx.quant import POINTS, TOKENS, QuantPlan, QuantPoint
 from qtx.quant.integer import as_float, matmul, relayout
 
+__all__ = [
+    "ATTENTION",
+    "ATTENTION_KERNELS",
+    "FINETUNE_GATE_STD",
+    "GATES",
+    "GATE_CONDITIONS",
+    "SOFTMAXES",
+    "AttentionConfig",
+    "Gate",
+    "MultiHeadAttention",
+    "attention_probs",
+    "block_attention",
+    "clipped_softmax",
+    "off_by_one_softmax",
+    "softmax",
+    "softpick",
+    "torch_linear_init",
+]
+
 ATTENTION = "attention"  # collection of attention probabilities, when made mutable
-SOFTMAXES = ("vanilla", "clipped", "off_by_one")
-GATES = ("none", "linear", "mlp", "mlp_wide", "all_heads_linear")
-GATE_CONDITIONS = ("token", "head", "none")
 # how the context is computed: "einsum" (scores, softmax and context as written here, every
 # point available), "dot_product_attention" (jax.nn.dot_product_attention wherever nothing
 # needs the scores or probabilities) or "auto" (the latter on GPUs: cuDNN flash attention)
 ATTENTION_KERNELS = ("auto", "einsum", "dot_product_attention")
-FINETUNE_GATE_STD = 0.01  # gate weight std in fine-tuning mode when unset (reference: BERT)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-    softmax: str = "vanilla"
-    gamma: float = 0.0
-    zeta: float = 1.0
-    alpha: float | None = None
-    softmax_T: int | None = None
-    gate: str = "none"
-    gate_condition: str = "token"
-    pi_init: float | None = None
-    gate_finetune: bool = False
-    gate_init_std: float | None = None
-
-    def __post_init__(self):
-        def bad(field, value, allowed):
-            raise UserError(
-                f"config.model.attention.{field}={value!r} is invalid; allowed: {allowed}."
-            )
-
-        if self.softmax not in SOFTMAXES:
-            bad("softmax", self.softmax, ", ".join(SOFTMAXES))
-        if self.gate not in GATES:
-            bad("gate", self.gate, ", ".join(GATES))
-        if self.gate_condition not in GATE_CONDITIONS:
-            bad("gate_condition", self.gate_condition, ", ".join(GATE_CONDITIONS))
-        if self.pi_init is not None and not 0.0 < self.pi_init < 1.0:
-            bad("pi_init", self.pi_init, "a number in (0, 1) or None")
-        if self.gate_finetune and self.pi_init is None:
-            bad("pi_init", self.pi_init, "a number in (0, 1) when gate_finetune=True")
-        if self.gate_init_std is not None and self.gate_init_std < 0:
-            bad("gate_init_std", self.gate_init_std, "a number >= 0 or None")
-        if self.softmax == "clipped":
-            if self.alpha is not None and self.alpha <= 0:
-                bad("alpha", self.alpha, "a positive number or None")
-            if self.alpha is None and not (self.gamma <= 0 and self.zeta >= 1):
-                bad("gamma/zeta", (self.gamma, self.zeta), "gamma <= 0 and zeta >= 1")
-        if self.softmax_T is not None and self.softmax_T < 1:
-            bad("softmax_T", self.softmax_T, "a positive integer or None")
-
-    def clip_bounds(self, key_len: int) -> tuple[float, float]:
-        """``(gamma, zeta)`` of the clipped softmax for keys of length ``key_len``."""
-        if self.alpha is not None:
-            return -self.alpha / float(self.softmax_T or key_len), 1.0
-        return self.gamma, self.zeta
-
-
-def clipped_softmax(x, gamma: float, zeta: float, axis: int = -1):
-    """``clip((zeta - gamma) * softmax(x) + gamma, 0, 1)``; clipped entries get no gradient."""
-    return jnp.clip((zeta - gamma) * softmax(x, axis) + gamma, 0.0, 1.0)
-
-
-def off_by_one_softmax(x, axis: int = -1):
-    """``exp(x_i) / (1 + sum_j exp(x_j))``, computed stably."""
-    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0))
-    e = jnp.exp(x - m)
-    return e / (jnp.exp(-m) + jnp.sum(e, axis=axis, keepdims=True))
-
-
-def attention_probs(scores, cfg: AttentionConfig):
-    """Row-normalised attention weights of the configured variant, float32 (B, H, T, S)."""
-    scores = scores.astype(jnp.float32)
-    if cfg.softmax == "clipped":
-        gamma, zeta = cfg.clip_bounds(scores.shape[-1])
-        return clipped_softmax(scores, gamma, zeta)
-    if cfg.softmax == "off_by_one":
-        return off_by_one_softmax(scores)
-    return softmax_last(scores)
-
-
-def softmax(x, axis: int = -1):
-    """Softmax over ``axis``, with the closed-form backward pass over the last axis."""
-    if axis in (-1, x.ndim - 1):
-        return softmax_last(x)
-    return jax.nn.softmax(x, axis=axis)
-
-
-class Gate(nn.Module):
-    """Gate probabilities ``pi`` from the attention input ``x`` (B, T, D).
-
-    Returns (B, T, H) for token gates, (B, 1, H) for per-head and unconditional gates.
-    Per-head gates mean-pool the logits over the real tokens (``mask`` (B, T)); in a causal
-    model (``causal``) the pool at position t covers positions <= t only, a running mean
-    ``sum_{s<=t} m_s l_s / max(sum_{s<=t} m_s, 1)`` of shape (B, T, H), so no gate sees a
-    later token.
-    """
-
-    num_heads: int
-    cfg: AttentionConfig
-    plan: QuantPlan = QuantPlan()
-    causal: bool = False
-
-    @nn.compact
-    def __call__(self, x, mask=None):
-        cfg, h = self.cfg, self.num_heads
-        b, t, d = x.shape
-        dh = d // h
-        xf = x.astype(jnp.float32)
-        if cfg.gate_condition == "none":
-            # initialised to 0, or to logit(pi_init) in fine-tuning mode (gate starts at 1)
-            init0 = self._out_bias_init(1) if cfg.gate_finetune else nn.initializers.zeros
-            logits = self.param("logit", init0, (h,))[None, None, :]
-        elif cfg.gate == "all_heads_linear":
-            logits = Dense(
-                h,
-                self.plan,
-                kernel_init=self._weight_init(d),
-                bias_init=self._out_bias_init(d),
-                name="dense",
-            )(xf)
-        else:
-            xh = xf.reshape(b, t, h, dh)
-            if cfg.gate == "linear":
-                w = self.param("kernel", self._weight_init(dh), (h, dh))
-                logits = jnp.einsum("bthd,hd->bth", xh, w)
-                logits = logits + self.param("bias", self._out_bias_init(dh), (h,))
-            else:
-                hidden = dh if cfg.gate == "mlp_wide" else max(dh // 4, 1)
-                w1 = self.param("hidden_kernel", self._weight_init(dh), (h, dh, hidden))
-                b1 = self.param("hidden_bias", self._hidden_bias_init(dh), (h, hidden))
-                z = jax.nn.relu(jnp.einsum("bthd,hdk->bthk", xh, w1) + b1)
-                w2 = self.param("out_kernel", self._weight_init(hidden), (h, hidden))
-                b2 = self.param("bias", self._out_bias_init(hidden), (h,))
-                logits = jnp.einsum("bthk,hk->bth", z, w2) + b2
-        if cfg.gate_condition == "head":
-            m = jnp.ones((b, t, 1)) if mask is None else mask.astype(jnp.float32)[..., None]
-            if self.causal:
-                num, den = jnp.cumsum(logits * m, axis=1), jnp.cumsum(m, axis=1)
-            else:
-                num, den = (logits * m).sum(1, keepdims=True), m.sum(1, keepdims=True)
-            logits = num / jnp.maximum(den, 1.0)
-        pi = jax.nn.sigmoid(logits)
-        return pi / cfg.pi_init if cfg.gate_finetune else pi
-
-    def _weight_init(self, fan_in: int):
-        std = self.cfg.gate_init_std
-        if std is None and self.cfg.gate_finetune:
-            std = FINETUNE_GATE_STD
-        return torch_linear_init(fan_in) if std is None else nn.initializers.normal(std)
-
-    def _hidden_bias_init(self, fan_in: int):
-        if self.cfg.gate_init_std is None and not self.cfg.gate_finetune:
-            return torch_linear_init(fan_in)
-        return nn.initializers.zeros
-
-    def _out_bias_init(self, fan_in: int):
-        pi = self.cfg.pi_init
-        if pi is None:
-            return torch_linear_init(fan_in)
-        return nn.initializers.constant(math.log(pi / (1.0 - pi)))
-
-
-def torch_linear_init(fan_in: int):
-    """PyTorch's default ``nn.Linear`` init of weights and biases: ``U(-1/sqrt(fan_in),
-    1/sqrt(fan_in))`` (std ``1/sqrt(3 fan_in)``)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -bound, bound
-    )
 
 
 class MultiHeadAttention(nn.Module):
@@ -224,7 +78,8 @@ class MultiHeadAttention(nn.Module):
 
     ``mask``: bool (B, 1 or H, T, S), True where attention is allowed. ``token_mask``: bool
     (B, T) of real tokens, used by per-head gates. ``score_bias`` (1 or B, H, T, S) is added
-    to the scaled scores before the ``scores`` point (Swin's relative position bias).
+    to the scaled scores before the ``scores`` point (Swin's relative position bias). ``rope``:
+    ``(cos, sin)`` (B, T, R) rotary tables (:func:`qtx.nn.rope.rope_tables`), or None.
     ``x`` may be a QArray (a quantized LayerNorm output in an integer plan); ``q k^T``
     (``qk``) and ``probs v`` (``pv``) run as integer matmuls when their inputs are quantized.
     """
@@ -241,37 +96,67 @@ class MultiHeadAttention(nn.Module):
     causal: bool = False  # only gates need it (their per-head pooling); ``mask`` is causal
     torch_init: str = ""  # projections (letters of "qkvo") with PyTorch's default Linear init
     kernel: str = "auto"  # see ATTENTION_KERNELS
+    num_kv_heads: int | None = None  # grouped-query attention (None: num_heads)
+    head_dim: int | None = None  # None: D / num_heads
+    qkv_bias: bool | None = None  # biases of q/k/v (None: use_bias, which o_proj always follows)
+    qk_norm: str = ""  # "" or the RMSNorm kind of the per-head q/k norms (qtx.nn.norms)
+    norm_eps: float = 1e-6  # epsilon of the q/k norms
 
     @nn.compact
-    def __call__(self, x, mask=None, token_mask=None, deterministic: bool = True, score_bias=None):
+    def __call__(
+        self,
+        x,
+        mask=None,
+        token_mask=None,
+        deterministic: bool = True,
+        score_bias=None,
+        rope=None,
+    ):
         b, t, d = x.shape
         h = self.num_heads
-        if d % h:
+        kv = self.num_kv_heads or h
+        if self.head_dim is None and d % h:
             raise UserError(f"hidden_size={d} is not divisible by num_heads={h}.")
-        dh = d // h
+        if h % kv:
+            raise UserError(f"num_heads={h} is not divisible by num_kv_heads={kv}.")
+        dh = self.head_dim or d // h
         p = self.plan
         name = "/".join(self.path)
+        qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
 
         def dense(name, features, std=None):
+            use_bias = self.use_bias if name == "o_proj" else qkv_bias
             if name[0] in self.torch_init:  # PyTorch's default Linear init, weight and bias
-                init = torch_linear_init(d)
-                return Dense(features, p, self.use_bias, init, self.dtype, init, name=name)
+                init = torch_linear_init(x.shape[-1] if name != "o_proj" else h * dh)
+                return Dense(features, p, use_bias, init, self.dtype, init, name=name)
             init = nn.initializers.normal(std or self.init_std)
-            return Dense(features, p, self.use_bias, init, self.dtype, name=name)
+            return Dense(features, p, use_bias, init, self.dtype, name=name)
 
         if self.fused_qkv:
-            q, k, v = jnp.split(dense("qkv_proj", 3 * d)(x), 3, axis=-1)
+            qkv = dense("qkv_proj", (h + 2 * kv) * dh)(x)
+            q, k, v = jnp.split(qkv, [h * dh, (h + kv) * dh], axis=-1)
         else:
-            q, k, v = (dense(n, d)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        split = lambda y: y.reshape(b, t, h, dh)  # noqa: E731
+            q = dense("q_proj", h * dh)(x)
+            k, v = (dense(n, kv * dh)(x) for n in ("k_proj", "v_proj"))
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)
+        if self.qk_norm:
+            q = RMSNorm(p, self.norm_eps, self.qk_norm, out_point=False, name="q_norm")(q)
+            k = RMSNorm(p, self.norm_eps, self.qk_norm, out_point=False, name="k_norm")(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope).astype(q.dtype), apply_rope(k, *rope).astype(k.dtype)
         # the points' statistics see real tokens only: (B, T) rows, (B, 1, T, S) pairs
         pairs = None  # the (query, key) pairs of real tokens
         if token_mask is not None:
             pairs = token_mask[:, None, :, None] & token_mask[:, None, None, :]
-        q = QuantPoint(p, head_axis=2, operand=True, name="q")(split(q), token_mask)
-        k = QuantPoint(p, head_axis=2, operand=True, name="k")(split(k), token_mask)
-        v = QuantPoint(p, head_axis=2, operand=True, name="v")(split(v), token_mask)
+        q = QuantPoint(p, head_axis=2, operand=True, name="q")(q, token_mask)
+        k = QuantPoint(p, head_axis=2, operand=True, name="k")(k, token_mask)
+        v = QuantPoint(p, head_axis=2, operand=True, name="v")(v, token_mask)
+        if kv != h:  # every key/value head serves h / kv consecutive query heads
+            k, v = (relayout(y, lambda a: jnp.repeat(a, h // kv, axis=2)) for y in (k, v))
         o_proj = lambda c: dense("o_proj", d, self.out_init_std)(c)  # noqa: E731
+        sink = None
+        if self.cfg.softmax == "sink":
+            sink = self.param("sink", nn.initializers.constant(self.cfg.sink_init), (h,))
         if self._fused(name, deterministic):
             context = jax.nn.dot_product_attention(
                 as_float(q).astype(self.dtype),
@@ -295,7 +180,7 @@ class MultiHeadAttention(nn.Module):
         scores = QuantPoint(p, head_axis=1, name="scores")(scores, pairs)
         if mask is not None:
             scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = attention_probs(scores, self.cfg).astype(self.dtype)
+        probs = attention_probs(scores, self.cfg, mask, sink).astype(self.dtype)
         probs = QuantPoint(p, head_axis=1, operand=True, name="softmax")(probs, pairs)
         if self.is_mutable_collection(ATTENTION) and not self.is_initializing():
             self.sow(ATTENTION, "probs", as_float(probs))  # for the no-op attention figures
@@ -332,8 +217,34 @@ class MultiHeadAttention(nn.Module):
         b, t, h, dh = context.shape
         p = self.plan
         if self.cfg.gate != "none":
-            pi = Gate(h, self.cfg, p, causal=self.causal, name="gate")(as_float(x), token_mask)
-            context = context * pi[..., None].astype(context.dtype)
+            gate = Gate(h, self.cfg, p, causal=self.causal, head_dim=dh, name="gate")
+            pi = gate(as_float(x), token_mask)
+            pi = pi if pi.ndim == 4 else pi[..., None]  # elementwise: (B, T, H, Dh)
+            context = context * pi.astype(context.dtype)
         context = QuantPoint(p, head_axis=2, operand=True, name="context")(context, token_mask)
         context = relayout(context, lambda y: y.reshape(b, t, h * dh))
         return QuantPoint(p, name="out")(o_proj(context), token_mask)
+
+
+def block_attention(c, plan: QuantPlan) -> MultiHeadAttention:
+    """The self-attention of a layer whose settings are ``c`` (a
+    :class:`qtx.nn.transformer.BlockConfig`), for both the transformer and the decoder block."""
+    return MultiHeadAttention(
+        c.num_heads,
+        c.attention,
+        plan,
+        fused_qkv=c.fused_qkv,
+        use_bias=c.use_bias,
+        dropout=c.attention_dropout,
+        init_std=c.init_std,
+        out_init_std=c.out_init_std,
+        dtype=c.dtype,
+        causal=c.causal,
+        torch_init=c.attn_torch_init,
+        kernel=c.attention_kernel,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        qkv_bias=c.qkv_bias,
+        qk_norm=c.norm if c.qk_norm else "",
+        norm_eps=c.ln_eps,
+    )

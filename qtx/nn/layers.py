@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qtx.errors import UserError
@@ -179,3 +180,12 @@ class PatchEmbed(nn.Module):
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
         y = dense_dot(x, kernel.reshape(p * p * c, self.features).astype(self.dtype))
         return y.astype(jnp.float32) + self.param("bias", nn.initializers.zeros, (self.features,))
+
+
+def drop_path(module: nn.Module, x, rate, deterministic: bool):
+    """Stochastic depth: drops the whole residual branch per example with probability rate
+    (a float, or a traced scalar inside scanned layers)."""
+    if deterministic or (isinstance(rate, int | float) and rate <= 0):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0], 1, 1))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

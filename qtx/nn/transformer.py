@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.nn.attention import AttentionConfig, MultiHeadAttention
-from qtx.nn.layers import Dense, LayerNorm, alias_removes
+from qtx.nn.attention import AttentionConfig, block_attention
+from qtx.nn.decoder import DecoderLayer
+from qtx.nn.layers import Dense, LayerNorm, alias_removes, drop_path
 from qtx.quant import QuantPlan, QuantPoint
 from qtx.quant.integer import as_float
 
@@ -45,6 +46,7 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # the decoder family's SwiGLU (qtx.nn.decoder)
 }
 HEAD_LN_ALIAS = "head_ln/out"  # rule name of the last post-LN ffn_ln/out a pooler reads
 
@@ -72,6 +74,15 @@ class BlockConfig:
     attn_torch_init: str = ""  # attention projections ("qkvo" letters) with PyTorch's init
     gamma_migrated: bool = False  # non-scaling LayerNorms, gamma in the following weights
     attention_kernel: str = "auto"  # see qtx.nn.attention.ATTENTION_KERNELS
+    # the block (LAYERS): "transformer" (this module's) or "decoder" (qtx.nn.decoder, with
+    # the fields below: GQA, head width, q/k norms, RMSNorm kind, biases)
+    layer: str = "transformer"
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool | None = None
+    qk_norm: bool = False
+    norm: str = "layernorm"
+    mlp_bias: bool = False
 
 
 class FFN(nn.Module):
@@ -93,15 +104,6 @@ class FFN(nn.Module):
         return QuantPoint(p, name="out")(h, token_mask)
 
 
-def drop_path(module: nn.Module, x, rate, deterministic: bool):
-    """Stochastic depth: drops the whole residual branch per example with probability rate
-    (a float, or a traced scalar inside scanned layers)."""
-    if deterministic or (isinstance(rate, int | float) and rate <= 0):
-        return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0], 1, 1))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
 class TransformerLayer(nn.Module):
     """One block ``x`` (B, T, D) -> (B, T, D); ``mask`` bool (B, 1, T, S), True = attend.
 
@@ -119,20 +121,7 @@ class TransformerLayer(nn.Module):
 
     def setup(self):
         c, p = self.cfg, self.plan
-        self.attn = MultiHeadAttention(
-            c.num_heads,
-            c.attention,
-            p,
-            fused_qkv=c.fused_qkv,
-            use_bias=c.use_bias,
-            dropout=c.attention_dropout,
-            init_std=c.init_std,
-            out_init_std=c.out_init_std,
-            dtype=c.dtype,
-            causal=c.causal,
-            torch_init=c.attn_torch_init,
-            kernel=c.attention_kernel,
-        )
+        self.attn = block_attention(c, p)
         self.ffn = FFN(c, p)
         # both LayerNorms feed matmuls (the branch, or in post-LN the FFN / the next layer)
         self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
@@ -193,6 +182,15 @@ class TransformerLayer(nn.Module):
         return self.ffn_ln(self.residual_ffn(x + f, m), m)
 
 
+def layer_class(cfg: BlockConfig) -> type[nn.Module]:
+    """The block of ``cfg.layer``: the one place that picks it (:data:`LAYERS`)."""
+    if cfg.layer not in LAYERS:
+        raise UserError(f"block layer={cfg.layer!r} is invalid; allowed: {', '.join(LAYERS)}.")
+    return LAYERS[cfg.layer]
+
+
+LAYERS = {"transformer": TransformerLayer, "decoder": DecoderLayer}
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -215,6 +213,7 @@ def run_layers(
     scan=False,
     remat_policy="full",
     pooled=False,
+    rope=None,
 ):
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
@@ -231,6 +230,8 @@ def run_layers(
     whatever the depth); :class:`qtx.models.scan.ScannedModel` shows them as ``layer_i``.
     In an integer plan ``x`` and the result may be QArrays (post-LN); ``states`` are float.
     ``pooled``: a pooler reads the result (see :class:`TransformerLayer`).
+    ``cfg.layer`` picks the block (:data:`LAYERS`); ``rope``: the decoder's rotary tables
+    ``(cos, sin)`` (B, T, R), handed to every layer.
     """
     if scan:
         name = f"layer_{num_layers - 1}/ffn_ln/out"
@@ -243,13 +244,12 @@ def run_layers(
             )
         return _scan_layers(
             cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect,
-            linear_drop_path, remat_policy,
+            linear_drop_path, remat_policy, rope,
         )  # fmt: skip
-    layer_cls = TransformerLayer
+    layer_cls = layer_class(cfg)
     if remat:
-        layer_cls = nn.remat(
-            TransformerLayer, static_argnums=(4,), policy=REMAT_POLICIES[remat_policy]
-        )
+        layer_cls = nn.remat(layer_cls, static_argnums=(4,), policy=REMAT_POLICIES[remat_policy])
+    extra = () if rope is None else (None, rope)  # drop_rate, rope (decoder layers)
     states = [as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma]
     for i in range(num_layers):
         head_ln = not cfg.pre_ln and i == num_layers - 1
@@ -258,14 +258,14 @@ def run_layers(
             rate = cfg.drop_path * i / max(num_layers - 1, 1)
             layer_cfg = dataclasses.replace(cfg, drop_path=rate)
         layer = layer_cls(layer_cfg, plan, head_ln, head_ln and pooled, name=f"layer_{i}")
-        x = layer(x, mask, token_mask, deterministic, shortcut_gamma)
+        x = layer(x, mask, token_mask, deterministic, shortcut_gamma, *extra)
         shortcut_gamma = layer.output_gamma()
         states.append(as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma)
     return x, (tuple(states) if collect else None)
 
 
 class _ScanStep(nn.Module):
-    """One layer as a scan step: ``(x, (mask, token_mask), rate) -> (x, x or None)``."""
+    """One layer as a scan step: ``(x, (mask, token_mask[, rope]), rate) -> (x, x or None)``."""
 
     cfg: BlockConfig
     plan: QuantPlan
@@ -274,13 +274,13 @@ class _ScanStep(nn.Module):
 
     @nn.compact
     def __call__(self, x, masks, rate):
-        layer = TransformerLayer(self.cfg, self.plan, name="layer")
-        x = layer(x, *masks, self.deterministic, None, rate)
+        layer = layer_class(self.cfg)(self.cfg, self.plan, name="layer")
+        x = layer(x, masks[0], masks[1], self.deterministic, None, rate, *masks[2:])
         return x, (x if self.collect else None)
 
 
 def _scan_layers(
-    cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect, linear, policy
+    cfg, plan, num_layers, x, mask, token_mask, deterministic, remat, collect, linear, policy, rope
 ):
     """``run_layers`` under ``nn.scan``: variables (L, ...) under ``layers/layer``."""
     if plan.integer:
@@ -297,10 +297,11 @@ def _scan_layers(
         in_axes=(nn.broadcast, 0),
         length=num_layers,
     )
+    masks = (mask, token_mask) if rope is None else (mask, token_mask, rope)
     rates = None  # per-layer stochastic depth rates (L,), when they differ between layers
     if linear and cfg.drop_path > 0:
         rates = cfg.drop_path * jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
-    y, ys = scanned(cfg, plan, deterministic, collect, name="layers")(x, (mask, token_mask), rates)
+    y, ys = scanned(cfg, plan, deterministic, collect, name="layers")(x, masks, rates)
     if not collect:
         return y, None
     return y, (as_float(x), *(ys[i] for i in range(num_layers)))

@@ -69,15 +69,21 @@ def make_view(
     ax = _norm_axis(axis, ndim, where)
     if g == "channel":
         return View(shape, shape, tuple(i for i in range(ndim) if i != ax), False)
-    # group: split axis `ax` into (n_groups, group_size) and keep the group axis.
-    gs = spec.group_size
+    # group: split axis `ax` into (n_groups, group_size) (a group_size above the axis size is
+    # one group) and keep the group axis, and also the point's channel axis when `axis` is
+    # another one: a kernel (in, out) grouped along in (axis 0) has one range per (group, out).
+    gs = min(spec.group_size, shape[ax])
     if shape[ax] % gs:
         raise UserError(
             f"quantization point '{where}': group_size={gs} does not divide axis {ax} of size "
             f"{shape[ax]}; allowed: a divisor of {shape[ax]}."
         )
     view_shape = shape[:ax] + (shape[ax] // gs, gs) + shape[ax + 1 :]
-    return View(shape, view_shape, tuple(i for i in range(ndim + 1) if i != ax), False)
+    keep = {ax}
+    if channel_axis is not None and _norm_axis(channel_axis, ndim, where) != ax:
+        c = _norm_axis(channel_axis, ndim, where)
+        keep.add(c if c < ax else c + 1)
+    return View(shape, view_shape, tuple(i for i in range(ndim + 1) if i not in keep), False)
 
 
 def to_view(x: jax.Array, view: View) -> jax.Array:

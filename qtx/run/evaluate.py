@@ -4,7 +4,8 @@ Writes ``<workdir>/eval.json``::
 
     {"step": int,
      "fp": {"perplexity" | "accuracy": x, "max_inf_norm": x, "avg_kurtosis": x,
-            "headline_inf_norm": x, "per_layer": {tensor: {"inf_norm", "kurtosis"}}},
+            "headline_inf_norm": x, "per_layer": {tensor: {"inf_norm", "kurtosis"}},
+            "decoder_outliers": {...}},  # causal decoders (qtx.evaluate.decoder_outliers)
      "quantized": {"W8A8": {"perplexity" | "accuracy": x, "setup": str, "method": str | None,
                             "calibration_seconds": s, "details": {...}, "points": {...}},
                    ...}}
@@ -12,9 +13,9 @@ Writes ``<workdir>/eval.json``::
 (with ``config.eval.ptq_methods`` the names are ``<setup>/<method>``; with
 ``config.eval.integer`` every quantized entry also has ``"integer": {metric, "max_logit_diff",
 "weight_bytes", "float_weight_bytes", "integer_matmuls", "float_matmuls"}``, its integer
-model's), prints the same as a table, and draws ``outliers.png`` and
-``attention_mass.png``. With ``config.eval.variation`` it also writes ``variation.json`` and
-``variation.png`` (see ``qtx.methods.quant_variation.analysis``).
+model's), prints the same as a table, and draws ``outliers.png``, ``decoder_outliers.png``
+(causal decoders) and ``attention_mass.png``. With ``config.eval.variation`` it also writes
+``variation.json`` and ``variation.png`` (see ``qtx.methods.quant_variation.analysis``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def evaluate(config, workdir: str, hf_checkpoint: str | None = None) -> dict:
         f"FP: {metric} {fp[metric]:.4g}, max inf norm {out['max_inf_norm']:.4g}, "
         f"avg kurtosis {out['avg_kurtosis']:.4g}"
     )
+    if out.get("decoder_outliers"):
+        say(f"FP {decoder_line(out['decoder_outliers'])}")
 
     def integer(name, cell_cfg, plan, variables):
         """The cell's integer model (eval.integer), printed under the cell's own line."""
@@ -212,10 +215,16 @@ def variation_analysis(cfg, params, calib, run, extra, ev, workdir, step=None) -
 def draw_figures(
     model, params, pipe, outlier_summary, workdir, cfg, to_dev, step=None
 ) -> list[str]:
-    """``outliers.png`` and ``attention_mass.png`` (first eval batch; not for a family without
-    class or special tokens, e.g. Swin) in ``workdir``, titled with its run and ``step``."""
+    """``outliers.png``, ``decoder_outliers.png`` (causal decoders) and ``attention_mass.png``
+    (first eval batch; not for a family without class or special tokens, e.g. Swin) in
+    ``workdir``, titled with its run and ``step``."""
     paths = [os.path.join(workdir, "outliers.png")]
     run = {"workdir": workdir, "step": step, "family": cfg.family}
+    if outlier_summary.get("decoder_outliers"):  # causal decoders
+        paths.append(os.path.join(workdir, "decoder_outliers.png"))
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            figures.plot_decoder_outliers(outlier_summary["decoder_outliers"], paths[-1], **run)
     if not family_record(cfg.family).noop_tokens:
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
@@ -231,7 +240,7 @@ def draw_figures(
         os.makedirs(workdir, exist_ok=True)
         figures.plot_outliers(outlier_summary["per_layer"], paths[0], **run)
         mass = figures.attention_mass(probs, batch, pipe.special_token_ids, cfg.family)
-        figures.plot_attention_mass(mass, paths[1], "attention on special tokens", **run)
+        figures.plot_attention_mass(mass, paths[-1], "attention on special tokens", **run)
     return paths
 
 
@@ -279,4 +288,17 @@ def format_table(
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if fp.get("decoder_outliers"):
+        lines.append(f"FP {decoder_line(fp['decoder_outliers'])}")
     return "\n".join([table_header(results, workdir, hf_checkpoint), *lines])
+
+
+def decoder_line(d: dict) -> str:
+    """One line of a decoder's ``decoder_outliers`` (qtx.evaluate.decoder_outliers)."""
+    return (
+        f"decoder outliers: max |x| {d['max_activation']:.4g} (layer "
+        f"{d['max_activation_layer']}, position {d['max_activation_position']}, channel "
+        f"{d['max_activation_channel']}), median sequence max {d['massive_activation']:.4g} "
+        f"(layer {d['massive_activation_layer']}), first-token attention mass "
+        f"{d['first_token_mass']:.3f}"
+    )

@@ -185,6 +185,7 @@ def load(config) -> Experiment:
             f"allowed: {HEAD_OF_TASK[task]!r}."
         )
     quant = dict(raw.get("quant") or {})
+    _check_preset_fits(model.family, "config.quant.preset", quant.get("preset"))
     plan = plan_from_config(quant)
     plan = plan.with_track(track_patterns(model.family))
     if plan.mode != "off" and not plan.rules:
@@ -328,6 +329,19 @@ def _check_qat_methods(train: dict) -> None:
         )
 
 
+def _check_preset_fits(family: str, field: str, value) -> None:
+    """A UserError when the preset of ``value`` (a preset name or a setup string) is one the
+    family refuses (``Family.unfit_presets``)."""
+    rec = family_record(family)
+    preset = str(value or "").split(":")[0]
+    if preset in rec.unfit_presets:
+        fit = sorted(p for p in PRESETS if p not in rec.unfit_presets)
+        raise UserError(
+            f"{field}={value!r}: the preset {preset!r} does not fit family {family!r} "
+            f"({rec.unfit_presets_reason}); allowed presets: {', '.join(fit)}."
+        )
+
+
 def _check_ptq(exp: Experiment) -> None:
     """Every eval setup, with every PTQ method, builds its rules (no compute); no method
     applies a reparametrisation the model config already has."""
@@ -341,6 +355,7 @@ def _check_ptq(exp: Experiment) -> None:
     ptq = [methods.ptq_method(m) for m in names]
     methods.check_ptq_options(ev["ptq_options"])
     for label, setup in exp.eval_setups().items():
+        _check_preset_fits(exp.model.family, "config.eval.setups", setup)
         try:
             setup_rules(setup, **dict(ev["options"] or {}))
             for m in ptq:

@@ -2,16 +2,19 @@
 
 Every class subclasses a Hugging Face model and changes only its self-attention, which computes
 
+    q, k, v = projections of x (decoders: per-head q/k RMSNorm, then RoPE on the first
+              cos.shape[-1] dims of each head; grouped keys/values repeated per query head)
     scores = q k^T / sqrt(d_head) (+ Swin's relative position bias), masked
-    probs  = softmax variant of ``config.qtx_attention`` (see configuration_qtx.py)
+    probs  = normaliser of ``config.qtx_attention`` (attention_qtx.py)
     out    = o_proj( concat_h( pi_h * (probs v)_h ) )       pi: the attention gate, if any
 
-Gates take the attention input x (B, T, D): ``linear`` Linear(d_head -> 1) per head on the
-head's slice of x; ``mlp`` / ``mlp_wide`` d_head -> d_head/4 (or d_head) -> 1 with ReLU;
-``all_heads_linear`` Linear(D -> H) on x; ``gate_condition`` ``head`` mean-pools the logits
-over the real tokens (a running mean over positions <= t in OPT), ``none`` is one learned
-logit per head; ``pi = sigmoid(logits)``, divided by ``pi_init`` for fine-tuning gates. The
-gate parameters live in ``<base model>.qtx_gates.<layer>`` (OPT: ``<base>.decoder``).
+Gates and sinks are parameters of the base model (OPT: ``<base>.decoder``), one entry per
+attention layer in layer order: ``<base>.qtx_gates.<i>.*`` (the modules of attention_qtx.py)
+and ``<base>.qtx_sinks.<i>`` (H,), the sink logits of ``softmax="sink"``. The Qwen3.5 classes
+here have a ``q_proj`` of the query alone (their output gate is in ``qtx_gates``); HF's own
+Qwen3.5 (a plain export being quantized) keeps its gate in ``q_proj`` (per head: query rows,
+then gate rows) and gets ``sigmoid`` of those rows elementwise.
+Decoders keep HF's key/value cache (``generate`` works), except with head-pooled gates.
 
 Everything else (embeddings, MLPs, heads, generation, pipelines, ``save_pretrained``) is the
 Hugging Face code. Needs transformers >= 5 (its module tree and attention signatures).
@@ -29,8 +32,18 @@ from transformers import (
     BertModel,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
     OPTForCausalLM,
     OPTModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextModel,
+    Qwen3ForCausalLM,
+    Qwen3Model,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -41,19 +54,43 @@ from transformers import (
 )
 
 try:  # loaded by transformers from the export directory, or imported from it directly
+    from .attention_qtx import (
+        AttentionGate,
+        allowed_keys,
+        attention_probs,
+        attention_settings,
+        token_mask,
+    )
     from .configuration_qtx import (
         QtxBertConfig,
         QtxDeiTConfig,
+        QtxLlamaConfig,
+        QtxMistralConfig,
         QtxOPTConfig,
+        QtxQwen2Config,
+        QtxQwen3_5TextConfig,
+        QtxQwen3Config,
         QtxRobertaConfig,
         QtxSwinConfig,
         QtxViTConfig,
     )
 except ImportError:
+    from attention_qtx import (
+        AttentionGate,
+        allowed_keys,
+        attention_probs,
+        attention_settings,
+        token_mask,
+    )
     from configuration_qtx import (
         QtxBertConfig,
         QtxDeiTConfig,
+        QtxLlamaConfig,
+        QtxMistralConfig,
         QtxOPTConfig,
+        QtxQwen2Config,
+        QtxQwen3_5TextConfig,
+        QtxQwen3Config,
         QtxRobertaConfig,
         QtxSwinConfig,
         QtxViTConfig,
@@ -65,6 +102,15 @@ if int(transformers.__version__.split(".")[0]) < 5:
         "upgrade transformers or re-export the model with the version you have."
     )
 
+# decoder attention classes: RoPE from position_embeddings, grouped keys/values, q/k norms
+DECODER_ATTENTIONS = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "Qwen3_5Attention",
+)
+FUSED_GATE_ATTENTIONS = ("Qwen3_5Attention",)  # q_proj rows: [q_h, gate_h] per head
 # native attention class -> (q, k, v, output projection or None when outside the module)
 ATTENTION_MODULES = {
     "BertSelfAttention": ("query", "key", "value", None),
@@ -73,126 +119,24 @@ ATTENTION_MODULES = {
     "DeiTAttention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "SwinAttention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "OPTAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    **{name: ("q_proj", "k_proj", "v_proj", "o_proj") for name in DECODER_ATTENTIONS},
 }
-SOFTMAXES = ("vanilla", "clipped", "off_by_one")
-GATES = ("none", "linear", "mlp", "mlp_wide", "all_heads_linear")
-GATE_CONDITIONS = ("token", "head", "none")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_5_text")
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
-
-
-def attention_settings(config) -> dict:
-    """``config.qtx_attention`` with defaults, validated (one error naming the field)."""
-    a = {
-        "softmax": "vanilla",
-        "gamma": 0.0,
-        "zeta": 1.0,
-        "alpha": None,
-        "softmax_T": None,
-        "gate": "none",
-        "gate_condition": "token",
-        "pi_init": None,
-        "gate_finetune": False,
-    }
-    a.update(dict(getattr(config, "qtx_attention", None) or {}))
-    for field, allowed in (
-        ("softmax", SOFTMAXES),
-        ("gate", GATES),
-        ("gate_condition", GATE_CONDITIONS),
-    ):
-        if a[field] not in allowed:
-            raise ValueError(f"qtx_attention.{field}={a[field]!r}; allowed: {', '.join(allowed)}.")
-    if a["gate_finetune"] and not a["pi_init"]:
-        raise ValueError("qtx_attention.pi_init must be in (0, 1) when gate_finetune is true.")
-    return a
-
-
-def attention_probs(scores: torch.Tensor, a: dict) -> torch.Tensor:
-    """Attention weights of the configured softmax variant, float32 (B, H, T, S)."""
-    scores = scores.float()
-    if a["softmax"] == "clipped":
-        if a["alpha"] is not None:
-            gamma, zeta = -a["alpha"] / float(a["softmax_T"] or scores.shape[-1]), 1.0
-        else:
-            gamma, zeta = a["gamma"], a["zeta"]
-        return torch.clip((zeta - gamma) * torch.softmax(scores, dim=-1) + gamma, 0.0, 1.0)
-    if a["softmax"] == "off_by_one":
-        m = torch.clamp(scores.amax(dim=-1, keepdim=True), min=0.0).detach()
-        e = torch.exp(scores - m)
-        return e / (torch.exp(-m) + e.sum(dim=-1, keepdim=True))
-    return torch.softmax(scores, dim=-1)
-
-
-class AttentionGate(nn.Module):
-    """Gate probabilities ``pi`` (B, T, H), or (B, 1, H) when not token-conditioned."""
-
-    def __init__(self, a: dict, hidden_size: int, num_heads: int, causal: bool):
-        super().__init__()
-        self.a, self.num_heads, self.causal = a, num_heads, causal
-        dh = hidden_size // num_heads
-        if a["gate_condition"] == "none":
-            self.logit = nn.Parameter(torch.zeros(num_heads))
-        elif a["gate"] == "all_heads_linear":
-            self.dense = nn.Linear(hidden_size, num_heads)
-        elif a["gate"] == "linear":
-            self.weight = nn.Parameter(torch.zeros(num_heads, dh))
-            self.bias = nn.Parameter(torch.zeros(num_heads))
-        else:
-            hidden = dh if a["gate"] == "mlp_wide" else max(dh // 4, 1)
-            self.hidden_weight = nn.Parameter(torch.zeros(num_heads, dh, hidden))
-            self.hidden_bias = nn.Parameter(torch.zeros(num_heads, hidden))
-            self.out_weight = nn.Parameter(torch.zeros(num_heads, hidden))
-            self.bias = nn.Parameter(torch.zeros(num_heads))
-
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        a, h = self.a, self.num_heads
-        b, t, d = x.shape
-        x = x.float()
-        if a["gate_condition"] == "none":
-            logits = self.logit[None, None, :]
-        elif a["gate"] == "all_heads_linear":
-            logits = nn.functional.linear(x, self.dense.weight.float(), self.dense.bias.float())
-        else:
-            xh = x.reshape(b, t, h, d // h)
-            if a["gate"] == "linear":
-                logits = torch.einsum("bthd,hd->bth", xh, self.weight.float()) + self.bias
-            else:
-                z = torch.einsum("bthd,hdk->bthk", xh, self.hidden_weight.float())
-                z = torch.relu(z + self.hidden_bias)
-                logits = torch.einsum("bthk,hk->bth", z, self.out_weight.float()) + self.bias
-        if a["gate_condition"] == "head":
-            m = x.new_ones(b, t, 1) if token_mask is None else token_mask.float()[..., None]
-            if self.causal:
-                num, den = torch.cumsum(logits * m, dim=1), torch.cumsum(m, dim=1)
-            else:
-                num, den = (logits * m).sum(1, keepdim=True), m.sum(1, keepdim=True)
-            logits = num / torch.clamp(den, min=1.0)
-        pi = torch.sigmoid(logits)
-        return pi / a["pi_init"] if a["gate_finetune"] else pi
-
-
-def _token_mask(mask: torch.Tensor | None, t: int, causal: bool) -> torch.Tensor | None:
-    """Real tokens (B, T) from a 4-D attention mask (B, 1, T, S), additive or boolean."""
-    if mask is None or mask.dim() != 4:
-        return None
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    s = allowed.shape[-1]
-    if causal:  # a padded position is masked as a key for every query, itself included
-        idx = torch.arange(t, device=mask.device)
-        return allowed[:, 0, idx, s - t + idx]
-    return allowed[:, 0, 0, :]
-
-
-def _swin_shift_mask(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Adds Swin's (windows, N, N) shift mask to the scores (B windows, H, N, N)."""
-    if attention_mask is None:
-        return scores
-    windows, n = attention_mask.shape[0], scores.shape[-1]
-    mask = attention_mask[None, :, None].expand(scores.shape[0] // windows, -1, -1, -1, -1)
-    return scores + mask.reshape(-1, 1, n, n)
+HEAD_POOLED_CACHE = (
+    "gate_condition='head' pools the gate over all earlier tokens, which a key/value cache "
+    "does not keep; call generate(..., use_cache=False)."
+)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _points(module: nn.Module):
+    """``name -> fake quantizer`` of the attention points (quantization_qtx.py), or identity."""
+    quant = module.__dict__.get("qtx_quant", {})
+    return lambda name: quant.get(name, _identity)
 
 
 def _call_arguments(self, args: tuple, kwargs: dict) -> dict:
@@ -201,18 +145,45 @@ def _call_arguments(self, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+def _cache(kwargs: dict):
+    """The key/value cache of a call; its argument name changed within transformers 5."""
+    found = next((kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None)
+    return getattr(found, "self_attention_cache", found)
+
+
+def _sink(module: nn.Module) -> torch.Tensor | None:
+    sinks = module.__dict__.get("qtx_sinks")
+    return None if sinks is None else sinks[module.qtx_index]
+
+
+def _normalise(self, scores, v, allowed, attention_mask, hidden_states, past: int):
+    """Scores (B, H, T, S), v (B, H, S, Dh) -> gated context (B, T, H, Dh) and the
+    probabilities, for the attention input ``hidden_states`` (B, T, D); every class."""
+    a, point, t = self.qtx_attention, _points(self), hidden_states.shape[1]
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = attention_probs(scores, a, allowed, _sink(self)).to(v.dtype)
+    probs = point("softmax")(probs)
+    dropped = nn.functional.dropout(probs, p=self.qtx_dropout, training=self.training)
+    context = torch.matmul(dropped, v).transpose(1, 2)  # (B, T, H, Dh)
+    gate = self.__dict__.get("qtx_gate")
+    if gate is not None:
+        if past and a["gate_condition"] == "head" and self.qtx_causal:
+            raise ValueError(HEAD_POOLED_CACHE)
+        tokens = None if self.qtx_swin else token_mask(attention_mask, t, self.qtx_causal)
+        context = context * gate(hidden_states, tokens).to(context.dtype)
+    return context, probs
+
+
 def _attention_forward(self, hidden_states, *args, **kwargs):
-    """Replaces the ``forward`` of the native attention modules listed in ATTENTION_MODULES."""
+    """Replaces the ``forward`` of the encoder and OPT attention modules."""
     kwargs = _call_arguments(self, args, kwargs)
     if kwargs.get("encoder_hidden_states") is not None:
         raise ValueError("qtx attention variants support self-attention only.")
     attention_mask = kwargs.get("attention_mask")
-    past_key_values = next(  # the key/value cache; its name changed within transformers 5
-        (kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None), None
-    )
-    a, (qn, kn, vn, on) = self.qtx_attention, self.qtx_names
-    quant = self.__dict__.get("qtx_quant", {})  # fake quantizers (quantization_qtx.py)
-    point = lambda name: quant.get(name, _identity)  # noqa: E731
+    cache = _cache(kwargs)
+    qn, kn, vn, on = self.qtx_names
+    point = _points(self)
     b, t, _ = hidden_states.shape
     h, dh = self.qtx_heads, self.qtx_head_dim
     # q, k, v are quantized as (B, T, H, Dh), like qtx's points
@@ -221,38 +192,88 @@ def _attention_forward(self, hidden_states, *args, **kwargs):
     k = split(getattr(self, kn)(hidden_states), "k")
     v = split(getattr(self, vn)(hidden_states), "v")
     past = 0
-    if past_key_values is not None:
-        cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+    if cache is not None:
         past = cache.get_seq_length(self.layer_idx)
         k, v = cache.update(k, v, self.layer_idx)
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(dh)
     if self.qtx_swin:
-        scores = point("scores")(scores + self.relative_position_bias())
-        scores = _swin_shift_mask(scores, attention_mask)
-    else:
-        scores = point("scores")(scores)
-        if attention_mask is not None:
-            mask = attention_mask[..., : k.shape[-2]]
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
-    probs = point("softmax")(attention_probs(scores, a).to(q.dtype))
-    dropped = nn.functional.dropout(probs, p=self.qtx_dropout, training=self.training)
-    context = torch.matmul(dropped, v).transpose(1, 2)  # (B, T, H, Dh)
-    gate = self.__dict__.get("qtx_gate")
-    if gate is not None:
-        if past and a["gate_condition"] == "head" and self.qtx_causal:
-            raise ValueError(
-                "gate_condition='head' pools the gate over all earlier tokens, which a key/value "
-                "cache does not keep; call generate(..., use_cache=False)."
-            )
-        token_mask = None if self.qtx_swin else _token_mask(attention_mask, t, self.qtx_causal)
-        context = context * gate(hidden_states, token_mask)[..., None].to(context.dtype)
+        scores = scores + self.relative_position_bias()
+    scores = point("scores")(scores)
+    allowed = allowed_keys(attention_mask, scores, swin=self.qtx_swin)
+    context, probs = _normalise(self, scores, v, allowed, attention_mask, hidden_states, past)
     out = point("context")(context).reshape(b, t, h * dh)
     if on is not None:
         out = getattr(self, on)(out)
     return out, probs
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` (B, T, H, Dh) on its first ``R = cos.shape[-1]`` dims (HF's
+    ``apply_rotary_pos_emb`` with partial rotation), ``cos`` / ``sin`` (B, T, R)."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def _causal(t: int, s: int, device) -> torch.Tensor:
+    """(1, 1, T, S): the last T of S positions each see themselves and every earlier one."""
+    rows = torch.arange(t, device=device)[:, None] + (s - t)
+    return (torch.arange(s, device=device)[None, :] <= rows)[None, None]
+
+
+def _decoder_attention_forward(self, hidden_states, *args, **kwargs):
+    """Replaces the ``forward`` of the decoder attention classes (DECODER_ATTENTIONS)."""
+    kwargs = _call_arguments(self, args, kwargs)
+    attention_mask = kwargs.get("attention_mask")
+    cache = _cache(kwargs)
+    point = _points(self)
+    b, t, _ = hidden_states.shape
+    h, kv, dh = self.qtx_heads, self.qtx_kv_heads, self.qtx_head_dim
+    q = self.q_proj(hidden_states)
+    fused_gate = None
+    if self.qtx_fused_gate:  # Qwen3.5: per head [q (Dh), gate logits (Dh)]
+        q, fused_gate = torch.chunk(q.view(b, t, h, 2 * dh), 2, dim=-1)
+    q = q.reshape(b, t, h, dh)
+    k = self.k_proj(hidden_states).view(b, t, kv, dh)
+    v = self.v_proj(hidden_states).view(b, t, kv, dh)
+    if self.qtx_qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = kwargs["position_embeddings"]
+    # q, k (after RoPE), v are quantized as (B, T, heads, Dh), like qtx's points
+    q = point("q")(rotary(q, cos, sin)).transpose(1, 2)
+    k = point("k")(rotary(k, cos, sin)).transpose(1, 2)
+    v = point("v")(v).transpose(1, 2)
+    past = 0
+    if cache is not None:
+        past = cache.get_seq_length(self.layer_idx)
+        k, v = cache.update(k, v, self.layer_idx)
+    s = k.shape[-2]
+    if h != kv:  # grouped-query attention: each key/value head serves h // kv query heads
+        k = k[:, :, None].expand(b, kv, h // kv, s, dh).reshape(b, h, s, dh)
+        v = v[:, :, None].expand(b, kv, h // kv, s, dh).reshape(b, h, s, dh)
+    scores = point("scores")(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(dh))
+    allowed = allowed_keys(attention_mask, scores)
+    if allowed is None and t > 1:
+        allowed = _causal(t, s, scores.device)
+    context, probs = _normalise(self, scores, v, allowed, attention_mask, hidden_states, past)
+    if fused_gate is not None:
+        context = context * self.qtx_fused_gate(fused_gate).to(context.dtype)
+    out = point("context")(context).reshape(b, t, h * dh)
+    return self.o_proj(out), probs
+
+
+class FusedGate:
+    """Qwen3.5's output gate: ``sigmoid(logits)`` (divided by ``pi_init`` when fine-tuning)."""
+
+    def __init__(self, a: dict):
+        self.a = a
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        pi = torch.sigmoid(logits.float())
+        return pi / self.a["pi_init"] if self.a["gate_finetune"] else pi
 
 
 _SUBCLASSES: dict = {}
@@ -260,9 +281,9 @@ _SUBCLASSES: dict = {}
 
 def _qtx_attention_class(native: type) -> type:
     if native not in _SUBCLASSES:
-        _SUBCLASSES[native] = type(
-            "Qtx" + native.__name__, (native,), {"forward": _attention_forward}
-        )
+        decoder = native.__name__ in DECODER_ATTENTIONS
+        forward = _decoder_attention_forward if decoder else _attention_forward
+        _SUBCLASSES[native] = type("Qtx" + native.__name__, (native,), {"forward": forward})
     return _SUBCLASSES[native]
 
 
@@ -272,7 +293,8 @@ def _gate_holder(model: nn.Module) -> nn.Module:
 
 
 def base_model_type(config) -> str:
-    """``bert``, ``roberta``, ``opt``, ``vit``, ``deit`` or ``swin`` (``qtx_`` prefix removed)."""
+    """``bert``, ``roberta``, ``opt``, ``vit``, ``deit``, ``swin`` or a decoder's
+    (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_5_text``), ``qtx_`` removed."""
     return config.model_type.removeprefix("qtx_")
 
 
@@ -286,41 +308,67 @@ def _native_name(module: nn.Module) -> str:
     return name[3:] if name.startswith("Qtx") and name[3:] in ATTENTION_MODULES else name
 
 
+def _expected_layers(config, family: str) -> int:
+    if family == "swin":
+        return sum(config.depths)
+    layer_types = getattr(config, "layer_types", None) or []
+    return config.num_hidden_layers - sum(t == "linear_attention" for t in layer_types)
+
+
+def _head_shape(m: nn.Module, config, proj: nn.Module) -> tuple[int, int, int]:
+    """``(query heads, key/value heads, head dim)`` of the attention module ``m``."""
+    if type(m).__name__ in DECODER_ATTENTIONS:
+        heads = config.num_attention_heads
+        return heads, heads // m.num_key_value_groups, m.head_dim
+    heads = getattr(m, "num_attention_heads", None) or m.num_heads
+    return heads, heads, proj.out_features // heads
+
+
 def install_attention(model: nn.Module) -> None:
     """Turns every native self-attention of ``model`` into the configured variant and adds the
-    gates (``<holder>.qtx_gates``); parameters of the native modules are kept as they are.
-    Does nothing when already installed."""
+    gates (``<holder>.qtx_gates``) and sink logits (``<holder>.qtx_sinks``); parameters of the
+    native modules are kept as they are. Does nothing when already installed."""
     config = model.config
     a = attention_settings(config)
     holder = _gate_holder(model)
     modules = attention_modules(model)
-    depths = getattr(config, "depths", None)
     family = base_model_type(config)
-    expected = sum(depths) if family == "swin" else config.num_hidden_layers
+    expected = _expected_layers(config, family)
     if len(modules) != expected:
         raise ValueError(f"found {len(modules)} attention modules for {expected} layers.")
     if all(hasattr(m, "qtx_attention") for m in modules):
         return
-    gates = []
-    for m in modules:
+    gates, sinks = [], nn.ParameterList()
+    for i, m in enumerate(modules):
         names = ATTENTION_MODULES[type(m).__name__]
         proj = getattr(m, names[0])
-        heads = getattr(m, "num_attention_heads", None) or m.num_heads
+        heads, kv_heads, head_dim = _head_shape(m, config, proj)
         dropout = getattr(m, "attention_dropout", None)
         if dropout is None:
             dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else m.dropout
+        # HF's Qwen3.5 (a native export being quantized): q_proj holds the output gate
+        fused = (
+            type(m).__name__ in FUSED_GATE_ATTENTIONS and proj.out_features == 2 * heads * head_dim
+        )
         m.__class__ = _qtx_attention_class(type(m))
-        m.qtx_attention, m.qtx_names = a, names
-        m.qtx_heads, m.qtx_head_dim = heads, proj.out_features // heads
+        m.qtx_attention, m.qtx_names, m.qtx_index = a, names, i
+        m.qtx_heads, m.qtx_kv_heads, m.qtx_head_dim = heads, kv_heads, head_dim
         m.qtx_dropout = float(dropout)
-        m.qtx_causal = family == "opt"
+        m.qtx_causal = family == "opt" or family in DECODERS
         m.qtx_swin = family == "swin"
-        if a["gate"] != "none":
-            gate = AttentionGate(a, proj.in_features, heads, m.qtx_causal)
+        m.qtx_qk_norm = hasattr(m, "q_norm")
+        m.__dict__["qtx_fused_gate"] = FusedGate(a) if fused else None
+        if a["gate"] != "none" and not fused:
+            gate = AttentionGate(a, proj.in_features, heads, head_dim, m.qtx_causal)
             m.__dict__["qtx_gate"] = gate  # registered once, under holder.qtx_gates
             gates.append(gate)
+        if a["softmax"] == "sink":
+            sinks.append(nn.Parameter(torch.full((heads,), float(a["sink_init"]))))
+            m.__dict__["qtx_sinks"] = sinks  # registered once, as holder.qtx_sinks
     if gates:
         holder.qtx_gates = nn.ModuleList(gates)
+    if len(sinks):
+        holder.qtx_sinks = sinks
 
 
 def _register_key_mapping(cls: type, native: type) -> None:
@@ -339,9 +387,19 @@ def _register_key_mapping(cls: type, native: type) -> None:
         register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
 
+def _separate_q_proj(model: nn.Module) -> None:
+    """Qwen3.5's ``q_proj`` (per head: query rows, then output-gate rows) becomes the query's
+    alone: a qtx export keeps the gate, whatever its kind, in ``qtx_gates``."""
+    for m in attention_modules(model):
+        if type(m).__name__ in FUSED_GATE_ATTENTIONS:
+            q = m.q_proj
+            m.q_proj = nn.Linear(q.in_features, q.out_features // 2, bias=q.bias is not None)
+
+
 def _variant(native: type, config_class: type) -> type:
     def __init__(self, config, *args, **kwargs):
         native.__init__(self, config, *args, **kwargs)
+        _separate_q_proj(self)
         install_attention(self)
 
     cls = type(
@@ -378,3 +436,13 @@ QtxDeiTForImageClassificationWithTeacher = _variant(
 )
 QtxSwinModel = _variant(SwinModel, QtxSwinConfig)
 QtxSwinForImageClassification = _variant(SwinForImageClassification, QtxSwinConfig)
+QtxLlamaModel = _variant(LlamaModel, QtxLlamaConfig)
+QtxLlamaForCausalLM = _variant(LlamaForCausalLM, QtxLlamaConfig)
+QtxMistralModel = _variant(MistralModel, QtxMistralConfig)
+QtxMistralForCausalLM = _variant(MistralForCausalLM, QtxMistralConfig)
+QtxQwen2Model = _variant(Qwen2Model, QtxQwen2Config)
+QtxQwen2ForCausalLM = _variant(Qwen2ForCausalLM, QtxQwen2Config)
+QtxQwen3Model = _variant(Qwen3Model, QtxQwen3Config)
+QtxQwen3ForCausalLM = _variant(Qwen3ForCausalLM, QtxQwen3Config)
+QtxQwen3_5TextModel = _variant(Qwen3_5TextModel, QtxQwen3_5TextConfig)
+QtxQwen3_5ForCausalLM = _variant(Qwen3_5ForCausalLM, QtxQwen3_5TextConfig)

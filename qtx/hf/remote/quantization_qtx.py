@@ -26,7 +26,10 @@ used here; leading singleton axes dropped). A point quantizes ``x`` to::
 the scheme's rule (see ``qparams``). Weights are replaced by their quantized values (a tied
 embedding is untied, the LM head keeps the full-precision table as in qtx); activations are
 quantized by forward hooks and by qtx's attention forward (``modeling_qtx.py``), for
-inference (``model.eval()``, under ``torch.no_grad()``).
+inference (``model.eval()``, under ``torch.no_grad()``). A weight point with
+``"gain_offset": c`` quantizes ``w + c`` and stores ``q(w + c) - c`` (zero-centred RMSNorm
+gains, applied as ``1 + w``); the query and gate rows of HF Qwen3.5's fused ``q_proj`` are
+the points ``attn/q_proj`` and ``attn/gate/dense``.
 """
 
 import json
@@ -38,9 +41,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 try:  # loaded by transformers from the export directory, or imported from it directly
-    from .modeling_qtx import attention_modules, base_model_type, install_attention
+    from .modeling_qtx import DECODERS, attention_modules, base_model_type, install_attention
 except ImportError:
-    from modeling_qtx import attention_modules, base_model_type, install_attention
+    from modeling_qtx import DECODERS, attention_modules, base_model_type, install_attention
 
 SIDECAR_JSON = "quantization.json"
 SIDECAR_TENSORS = "quantization.safetensors"
@@ -48,16 +51,36 @@ ATTENTION_POINTS = ("q", "k", "v", "scores", "softmax", "context")
 
 # qtx module -> candidate module paths, relative to one transformer layer
 LAYER_MODULES = {
-    "attn/o_proj": ("attention.output.dense", "self_attn.out_proj", "attention.o_proj"),
-    "attn_ln": ("attention.output.LayerNorm", "self_attn_layer_norm", "layernorm_before"),
+    "attn/o_proj": (
+        "attention.output.dense",
+        "self_attn.out_proj",
+        "attention.o_proj",
+        "self_attn.o_proj",
+    ),
+    "attn/q_norm": ("self_attn.q_norm",),
+    "attn/k_norm": ("self_attn.k_norm",),
+    "attn_ln": (
+        "attention.output.LayerNorm",
+        "self_attn_layer_norm",
+        "layernorm_before",
+        "input_layernorm",
+    ),
     "ffn/fc1": ("intermediate.dense", "fc1", "mlp.fc1"),
     "ffn/fc2": ("output.dense", "fc2", "mlp.fc2"),
-    "ffn_ln": ("output.LayerNorm", "final_layer_norm", "layernorm_after"),
+    "ffn/gate_proj": ("mlp.gate_proj",),
+    "ffn/up_proj": ("mlp.up_proj",),
+    "ffn/down_proj": ("mlp.down_proj",),
+    "ffn_ln": (
+        "output.LayerNorm",
+        "final_layer_norm",
+        "layernorm_after",
+        "post_attention_layernorm",
+    ),
 }
 # qtx module -> candidate module (or parameter) paths, relative to the base model, then to
 # the whole model
 MODEL_MODULES = {
-    "embed/word": ("embeddings.word_embeddings", "decoder.embed_tokens"),
+    "embed/word": ("embeddings.word_embeddings", "decoder.embed_tokens", "embed_tokens"),
     "embed/position": ("embeddings.position_embeddings", "decoder.embed_positions"),
     "embed/token_type": ("embeddings.token_type_embeddings",),
     "embed/patch": ("embeddings.patch_embeddings.projection",),
@@ -67,7 +90,7 @@ MODEL_MODULES = {
     "embed/project_in": ("decoder.project_in",),
     "embeddings": ("embeddings",),
     "project_out": ("decoder.project_out",),
-    "final_ln": ("decoder.final_layer_norm", "layernorm"),
+    "final_ln": ("decoder.final_layer_norm", "layernorm", "norm"),
     "pooler": ("pooler",),
     "pooler/dense": ("pooler.dense", "classifier.dense"),
     "classifier/dense": ("classifier.out_proj", "classifier", "cls_classifier"),
@@ -85,6 +108,13 @@ LAYER_SITES = {
     "ffn/hidden": ("ffn/fc1", "output"),
     "ffn/act": ("ffn/fc2", "input"),
     "ffn/out": ("ffn/fc2", "output"),
+}
+# the SwiGLU FFN of decoders: down_proj(silu(gate_proj(x)) * up_proj(x))
+DECODER_LAYER_SITES = {
+    "ffn/gate": ("ffn/gate_proj", "output"),
+    "ffn/up": ("ffn/up_proj", "output"),
+    "ffn/act": ("ffn/down_proj", "input"),
+    "ffn/out": ("ffn/down_proj", "output"),
 }
 MODEL_SITES = {
     "pooler/in": ("pooler/dense", "input"),
@@ -187,8 +217,10 @@ class _Sites:
     """Where each qtx point of ``model`` lives."""
 
     def __init__(self, model: nn.Module, sidecar: dict):
-        self.model, self.pre_ln = model, sidecar["pre_ln"]
         self.family = base_model_type(model.config)
+        self.decoder = self.family in DECODERS  # pre-RMSNorm, SwiGLU
+        self.model, self.pre_ln = model, sidecar["pre_ln"] or self.decoder
+        self.layer_sites = {**LAYER_SITES, **DECODER_LAYER_SITES} if self.decoder else LAYER_SITES
         self.roots = [model.base_model, model]
         self.attention = attention_modules(model)
         self.layers = [_layer_of(model, a) for a in self.attention]
@@ -239,10 +271,10 @@ class _Sites:
                 if self.pre_ln:
                     return self.layers[i], "output"
                 return self.module(name, i, fmt, "ffn_ln"), "input"
-            module, site = LAYER_SITES.get(rest, (rest.removesuffix("/out"), "output"))
+            module, site = self.layer_sites.get(rest, (rest.removesuffix("/out"), "output"))
             return self.module(name, i, fmt, module), site
         if rest == "embed/sum":
-            if self.family == "opt":
+            if self.family == "opt" or self.decoder:
                 return self.layers[0], "input"
             if self.family in ("vit", "deit"):
                 return self.module(name, None, fmt, "embeddings"), "output"
@@ -259,17 +291,43 @@ class _Sites:
         return self.module(name, None, fmt, rest.removesuffix("/out")), "output"
 
     def weight(self, name: str):
-        """``(owner module, attribute)`` of a weight point's tensor."""
+        """``(owner module, attribute, part)`` of a weight point's tensor; ``part`` is None, or
+        ``(0 or 1, heads)`` for the query / output-gate rows of HF Qwen3.5's fused ``q_proj``."""
         i, fmt, rest = self.split(name)
-        target = self.module(name, i, fmt, rest.removesuffix("/weight"))
+        module = rest.removesuffix("/weight")
+        if i is not None and module in ("attn/q_proj", "attn/gate/dense"):
+            a = self.attention[i]
+            if a.__dict__.get("qtx_fused_gate") is not None:
+                return a.q_proj, "weight", (int(module == "attn/gate/dense"), a.qtx_heads)
+        target = self.module(name, i, fmt, module)
         if isinstance(target, nn.Parameter):  # a bare parameter (positions, class token)
             owner_path = MODEL_MODULES[rest.removesuffix("/weight")]
             for path in owner_path:
                 for root in self.roots:
                     if _get(root, path) is target:
                         *parents, attr = path.split(".")
-                        return _get(root, ".".join(parents)) if parents else root, attr
-        return target, "weight"
+                        return _get(root, ".".join(parents)) if parents else root, attr, None
+        return target, "weight", None
+
+
+def _quantize_weight(owner: nn.Module, attr: str, part, fq: FakeQuant, name: str) -> None:
+    """Replaces ``owner.attr`` by its fake-quantized value (only the rows of ``part`` of a
+    fused q_proj, viewed (H, 2, Dh, D): per head, query rows then gate rows)."""
+    old = getattr(owner, attr).detach()
+    new, shape = old.clone(), tuple(fq.p["shape"])
+    block = new
+    if part is not None:
+        which, heads = part
+        rows = new.view(heads, 2, -1, old.shape[-1])
+        block = rows[:, which].reshape(-1, old.shape[-1])
+    if tuple(block.shape) != shape:
+        raise ValueError(f"{name}: weight shape {tuple(block.shape)} != {list(shape)}.")
+    if part is None:
+        offset = fq.p.get("gain_offset", 0.0)  # zero-centred RMSNorm: the gain is 1 + w
+        new = fq(block + offset) - offset if offset else fq(block)
+    else:
+        rows[:, which] = fq(block).view(rows[:, which].shape)
+    setattr(owner, attr, nn.Parameter(new, requires_grad=False))
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str | None]:
@@ -344,11 +402,7 @@ def apply_quantization(model: nn.Module, path: str | None = None) -> list[str]:
         p = sidecar["points"][name]
         fq = FakeQuant(name, p, tensors)
         if p["kind"] == "weight":
-            owner, attr = sites.weight(name)
-            old = getattr(owner, attr)
-            if tuple(old.shape) != tuple(p["shape"]):
-                raise ValueError(f"{name}: weight shape {tuple(old.shape)} != {p['shape']}.")
-            setattr(owner, attr, nn.Parameter(fq(old.detach()), requires_grad=False))
+            _quantize_weight(*sites.weight(name), fq, name)
             continue
         module, site = sites.activation(name)
         if site in ATTENTION_POINTS:
