@@ -308,9 +308,12 @@ NEW_VARIANTS = (
 )
 
 
-@pytest.mark.parametrize(
-    "name", ["bert-tiny", "opt-tiny", "vit-tiny", pytest.param("swin-tiny", marks=pytest.mark.slow)]
-)
+SLOW_FAMILIES = [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("bert-tiny", "vit-tiny", "swin-tiny")
+]
+
+
+@pytest.mark.parametrize("name", ["opt-tiny", *SLOW_FAMILIES])
 def test_the_new_variants_run_in_every_family(name):
     """Each new normaliser and gate builds in every family, gives finite outputs and changes
     them (the variant's own parameters start where they do in training)."""

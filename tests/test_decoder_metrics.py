@@ -195,6 +195,7 @@ def test_decoder_figure_titles_and_limits(tmp_path, maxima):
     assert act.get_title().startswith(f"max |x| = {max(maxima):.4g} (layer 2")
 
 
+@pytest.mark.slow
 def test_eval_json_of_a_tiny_opt_run_has_decoder_outliers(tmp_path, capsys):
     from qtx.run.evaluate import evaluate
     from qtx.run.train import train

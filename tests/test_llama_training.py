@@ -41,7 +41,9 @@ def test_scanned_fsdp_run_matches_one_device(tmp_path):
         np.testing.assert_allclose(pa[k], pb[k], atol=1e-4, err_msg=k)
 
 
-@pytest.mark.parametrize("variant", ["vanilla", "softpick", "sink"])
+@pytest.mark.parametrize(
+    "variant", ["softpick", *(pytest.param(v, marks=pytest.mark.slow) for v in ("vanilla", "sink"))]
+)
 def test_bfloat16_variants_train_with_finite_falling_loss(tmp_path, variant):
     c = tiny_llama(variant, dtype="bfloat16")
     c.train.steps = 4

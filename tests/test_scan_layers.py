@@ -27,7 +27,11 @@ def _shapes(tree):
         ("opt-tiny", {"remat": True}),
         ("bert-tiny", {}),
         ("vit-tiny", {"remat": True, "remat_policy": "dots"}),
-        ("llama-tiny", {"remat": True, "qk_norm": True, "attention": {"gate": "elementwise"}}),
+        pytest.param(
+            "llama-tiny",
+            {"remat": True, "qk_norm": True, "attention": {"gate": "elementwise"}},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_scanned_layers_have_the_loops_variables_values_and_gradients(name, over):
