@@ -119,16 +119,13 @@ def run_eval(
             preds.append(np.asarray(metrics["pred"])[keep])
             labels.append(np.asarray(metrics["label"])[keep])
         n += 1
-        if outliers is not None and "intermediates" in collected:
+        if outliers is not None:
             mask = dev.get("example_mask")
-            outliers.update(
-                fetch(collected["intermediates"]), None if mask is None else fetch(mask)
-            )
-        if outliers is not None and DECODER in collected:
-            mask = dev.get("example_mask")
-            outliers.update_decoder(
-                fetch(collected[DECODER]), None if mask is None else fetch(mask)
-            )
+            weights = None if mask is None else fetch(mask)  # real (non-padding) rows
+            if "intermediates" in collected:
+                outliers.update(fetch(collected["intermediates"]), weights)
+            if DECODER in collected:
+                outliers.update_decoder(fetch(collected[DECODER]), weights)
     if n == 0:
         raise UserError("evaluation got no batches; check config.data and max_eval_batches.")
     out = {"loss": float(np.mean(batch_means)) if batch_means else float("nan"), "batches": n}

@@ -295,7 +295,7 @@ def _gate_pairs(cfg: ModelConfig, layout: list[Entry]):
 
 def _dims(cfg: ModelConfig) -> tuple[int, int, int, int, str]:
     heads = cfg.num_heads
-    head_dim = cfg.head_dim or cfg.hidden_size // heads
+    head_dim = cfg.attention_head_dim
     gate_dim = head_dim if cfg.attention.gate == "elementwise" else 1
     fused = "per_head" if cfg.norm == ZERO_CENTERED else "per_group"
     return heads, cfg.num_kv_heads or heads, head_dim, gate_dim, fused
@@ -399,7 +399,7 @@ def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
     def effective(c: ModelConfig) -> dict:
         return {
             "num_kv_heads": c.num_kv_heads or c.num_heads,
-            "head_dim": c.head_dim or c.hidden_size // c.num_heads,
+            "head_dim": c.attention_head_dim,
             "rope_theta": c.rope_theta,
             "partial_rotary_factor": c.partial_rotary_factor,
             "rope_scaling": c.rope_scaling,
@@ -466,7 +466,7 @@ def hf_config(cfg: ModelConfig):
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        head_dim=cfg.attention_head_dim,
         hidden_act="silu",
         max_position_embeddings=cfg.max_positions,
         initializer_range=cfg.init_std,

@@ -130,6 +130,11 @@ class ModelConfig:
         return DTYPES[self.dtype]
 
     @property
+    def attention_head_dim(self) -> int:
+        """Width of one attention head: ``head_dim``, or ``hidden_size // num_heads``."""
+        return self.head_dim or self.hidden_size // max(self.num_heads, 1)
+
+    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 

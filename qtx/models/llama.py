@@ -105,8 +105,9 @@ class Llama(nn.Module):
         token_mask = attention_mask.astype(bool)
         embed = DecoderEmbed(c, p, name="embed")
         h = embed(input_ids, token_mask)
-        head_dim = c.head_dim or c.hidden_size // c.num_heads
-        inv_freq = inv_frequencies(head_dim, c.rope_theta, c.partial_rotary_factor, c.rope_scaling)
+        inv_freq = inv_frequencies(
+            c.attention_head_dim, c.rope_theta, c.partial_rotary_factor, c.rope_scaling
+        )
         rope = rope_tables(decoder_position_ids(attention_mask), inv_freq)
         h, states = causal_layers(c, p, h, token_mask, deterministic, output_hidden_states, rope)
         h = RMSNorm(p, c.ln_eps, c.norm, name="final_ln")(h, token_mask)
@@ -137,7 +138,7 @@ def check_llama(cfg, bad) -> None:
         bad("num_kv_heads", f"None or a positive divisor of num_heads={cfg.num_heads}")
     if cfg.head_dim is not None and int(cfg.head_dim) < 2:
         bad("head_dim", "None or an integer >= 2")
-    head_dim = cfg.head_dim or cfg.hidden_size // max(cfg.num_heads, 1)
+    head_dim = cfg.attention_head_dim
     if not 0.0 < cfg.partial_rotary_factor <= 1.0:
         bad("partial_rotary_factor", "a number in (0, 1]")
     elif (
