@@ -6,11 +6,15 @@
         --out=runs/opt_tiny_w8a8 --quantize=W8A8
     python export.py --config=configs/opt125m_gated.py:tiny --workdir=runs/opt_tiny \\
         --out=runs/opt_tiny_int8 --quantize=W8A8 --int8
+    python export.py --config=configs/llama_ptq.py:tiny --workdir=runs/llama_ptq_tiny \\
+        --out=runs/llama_ptq_tiny_w4a8 --quantize=w4a8 --method=rotation+gptq
 
 Writes config.json, model.safetensors and the tokenizer of the newest intact checkpoint (or
 --step). Attention variants (clipped / off-by-one softmax, gates) ship qtx's PyTorch modeling
 code (load with ``trust_remote_code=True``); a QAT-trained model, or --quantize=SETUP (calibrated
-as eval.py does), adds quantization.json/.safetensors and quantization_qtx.py.
+as eval.py does; --method=NAME calibrates it with a post-training method of
+config.eval.ptq_methods' kind, e.g. smoothquant+gptq, and exports its transformed
+parameters), adds quantization.json/.safetensors and quantization_qtx.py.
 --int8 writes the integer model instead (int8_config.json, int8_model.safetensors: int8
 weights, scales, zero points; ``eval.py --int8=DIR`` evaluates it).
 A user error prints one line (``error: ...``) and exits with status 2.
@@ -29,6 +33,9 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a no
 _QUANTIZE = flags.DEFINE_string(
     "quantize", None, "Calibrate this PTQ setup (e.g. W8A8) and write its sidecar."
 )
+_METHOD = flags.DEFINE_string(
+    "method", None, "Calibrate --quantize with this post-training method (e.g. rotation+gptq)."
+)
 _INT8 = flags.DEFINE_bool(
     "int8", False, "Write the integer model (int8 weights) instead of a Hugging Face directory."
 )
@@ -42,7 +49,15 @@ def main(argv):
 
     workdir = _WORKDIR.value or default_workdir(cli.config_path())
     export = export_integer if _INT8.value else export_workdir
-    export(_CONFIG.value, workdir, _OUT.value, _STEP.value, _OVERWRITE.value, _QUANTIZE.value)
+    export(
+        _CONFIG.value,
+        workdir,
+        _OUT.value,
+        _STEP.value,
+        _OVERWRITE.value,
+        _QUANTIZE.value,
+        _METHOD.value,
+    )
 
 
 if __name__ == "__main__":

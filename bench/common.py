@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -341,6 +342,35 @@ class Run:
         write_json(
             path, {"benchmark": self.name, "machine": machine, **payload, "elapsed_s": elapsed}
         )
+
+
+def machine_summary(peak_gflops: float) -> str:
+    """'2 cores of an <CPU> (AVX-512, f32 matmul peak N GFLOP/s)' (README lines)."""
+    isa = cpu_isa()
+    top = "AVX-512" if any(f.startswith("avx512") for f in isa) else "AVX2" if "avx2" in isa else ""
+    what = ", ".join(x for x in (top, f"f32 matmul peak {peak_gflops:.0f} GFLOP/s") if x)
+    return f"{available_cores()} cores of an {cpu_model()} ({what})"
+
+
+def rewrite_block(text: str, marker: str, body: str, inline: bool = False) -> str:
+    """``text`` with the body between ``<!-- marker -->`` and ``<!-- /marker -->`` replaced
+    (exits when the markers are missing)."""
+    m = re.escape(marker)
+    pattern = re.compile(rf"(<!-- {m} -->)(.*?)(<!-- /{m} -->)", re.DOTALL)
+    if not pattern.search(text):
+        sys.exit(f"README.md has no <!-- {marker} --> block")
+    sep = "" if inline else "\n"
+    return pattern.sub(lambda m: f"{m.group(1)}{sep}{body}{sep}{m.group(3)}", text)
+
+
+def rewrite_readme(marker: str, body: str) -> None:
+    """Rewrites the ``<!-- marker -->`` block of the repository's README.md with ``body``."""
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(rewrite_block(text, marker, body))
+    print(f"rewrote the {marker} block of README.md")
 
 
 def write_json(path: str, payload: dict) -> None:

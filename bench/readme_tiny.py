@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,15 @@ sys.path.insert(0, ROOT)
 
 import argparse  # noqa: E402
 
-from common import available_cores, cpu_isa, cpu_model, matmul_peak, write_json  # noqa: E402
+from common import (  # noqa: E402
+    available_cores,
+    cpu_isa,
+    cpu_model,
+    machine_summary,
+    matmul_peak,
+    rewrite_block,
+    write_json,
+)
 
 # config -> (what the README's row says it is, the unit of its headline metric)
 ROWS = {
@@ -103,10 +110,7 @@ def machine_line() -> str:
         import jax.numpy as jnp
 
         _PEAK.append(matmul_peak(1024, jnp.float32, 5)["flops"] / 1e9)
-    isa = cpu_isa()
-    top = "AVX-512" if any(f.startswith("avx512") for f in isa) else "AVX2" if "avx2" in isa else ""
-    what = ", ".join(x for x in (top, f"f32 matmul peak {_PEAK[0]:.0f} GFLOP/s") if x)
-    return f"{available_cores()} cores of an {cpu_model()} ({what})"
+    return machine_summary(_PEAK[0])
 
 
 def machines(rows: dict) -> str:
@@ -203,14 +207,7 @@ def int8_block(r: dict) -> str:
 
 
 def rewrite(text: str, block: str, body: str) -> str:
-    pattern = re.compile(
-        rf"(<!-- readme_tiny:{block} -->)(.*?)(<!-- /readme_tiny:{block} -->)", re.DOTALL
-    )
-    if not pattern.search(text):
-        sys.exit(f"README.md has no <!-- readme_tiny:{block} --> block")
-    inline = block == "int8"
-    sep = "" if inline else "\n"
-    return pattern.sub(lambda m: f"{m.group(1)}{sep}{body}{sep}{m.group(3)}", text)
+    return rewrite_block(text, f"readme_tiny:{block}", body, inline=block == "int8")
 
 
 def main():

@@ -49,10 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Outlier Suppression's PTQ table on a GLUE-fine-tuned BERT (``arg``: the GLUE task,
     default sst2, ``tiny`` or ``minilm``): W-E-A 8-8-8 / 6-6-6 / 4-4-4 in the FasterTransformer
     placement, the paper's six PTQ methods, 256 calibration samples."""
-    task, variant = common.parse_arg(
-        arg, "bert_glue_os", common.GLUE_TASKS, variants=("tiny", "minilm")
-    )
-    c = common.bert_glue("tiny" if variant else task, config="bert_glue_os")
+    return glue_ptq(arg, "bert_glue_os")
+
+
+def glue_ptq(arg: str | None, config: str) -> ml_collections.ConfigDict:
+    """This file's fine-tuning and PTQ table for ``configs/<config>.py:<arg>`` (``config``
+    names the file in the arg's error)."""
+    task, variant = common.parse_arg(arg, config, common.GLUE_TASKS, variants=("tiny", "minilm"))
+    c = common.bert_glue("tiny" if variant else task, config=config)
     c.eval.update(setups=OS_SETUPS, ptq_methods=PAPER_TABLE, calib_batches=8, calib_batch_size=32)
     if variant == "minilm":  # long enough for MiniLM to pass 87 % on SST-2 dev (600 steps: 86.7 %)
         c.data.update(batch_size=32)

@@ -2,8 +2,6 @@
 representative points and the match report, group-wise weights and per-token dynamic
 activations against NumPy, bit shortcuts and options."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ import qtx.quant as q
 from qtx.errors import UserError
 from qtx.models import build, dummy_inputs, model_config
 
-FAMILIES = ["opt-tiny"] + (["llama-tiny"] if os.path.exists("/tmp/core_ready") else [])
+FAMILIES = ["opt-tiny", "llama-tiny"]
 LLM = ("w8a8_static", "w8a8_dynamic", "w4a8", "w4a16")
 
 
@@ -264,3 +262,30 @@ def test_group_view_keeps_output_columns():
     assert view.view_shape == (256, 2, 4) and view.axes == (0, 2)
     view = make_view((48, 8), q.QuantSpec(granularity="group", group_size=128, axis=0), -1)
     assert view.view_shape == (1, 48, 8) and view.axes == (1,)
+
+
+@pytest.mark.slow
+def test_per_token_activations_run_as_integer_matmuls():
+    """w8a8_dynamic's per-token scales reach the integer path: the o_proj input is one row
+    per token across its heads (``axis=2``), a GQA key / value repeat carries its per-token
+    scales, so every linear layer and q·k run in int8; only probs·v (a value scale varies
+    along the keys it sums over) stays float. The integer model equals its fake quant."""
+    from qtx.evaluate import integer as int_models
+    from qtx.evaluate.ptq import calibrate_setup
+
+    cfg = model_config("llama-tiny")
+    variables = build(cfg).init(jax.random.key(0), **dummy_inputs(cfg))
+    plan = q.QuantPlan(q.setup_rules("w8a8_dynamic"), mode="quantize")
+    ids, mask = inputs(cfg)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    variables = calibrate_setup(cfg, plan, variables["params"], [batch])
+    iplan, int_vars, report = int_models.to_integer(cfg, plan, variables)
+    assert set(report.float_matmuls) == {f"layer_{i}/attn/pv" for i in range(cfg.num_layers)}
+    assert {"layer_0/attn/o_proj", "layer_0/attn/qk"} <= set(report.integer_matmuls)
+    fq = build(cfg, plan).apply(variables, **batch)["logits"]
+    out = build(cfg, iplan).apply(int_vars, **batch)["logits"]
+    np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
+    # the context's range: one per token over all heads
+    rule = next(r for r in plan.rules if r.matches("layer_0/attn/context", "act"))
+    view = q.ranges.make_view((3, 10, 4, 32), rule.spec, -1, 2, "layer_0/attn/context")
+    assert view.axes == (2, 3)

@@ -504,6 +504,7 @@ def test_headless_objective_is_the_last_hidden_state_of_real_tokens():
         Reference(cfg, params, [short], "logits")
 
 
+@pytest.mark.slow
 def test_outlier_suppression_calibrates_the_headless_minilm(minilm, minilm_dir):
     """The real MiniLM as ``qtx.hf.load`` returns it (no task head) calibrates with token-wise
     clipping and the full method on its last hidden state, and stays close to FP at 8 bits."""

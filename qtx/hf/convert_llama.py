@@ -22,6 +22,12 @@ paper's Qwen3 code (``config.json`` flags ``elementwise_attn_output_gate`` /
 layout, :func:`fuse` merges it back when exporting to Qwen3.5 (see :func:`split_q_gate` for
 the two row layouts). Sliding-window attention and Qwen3.5's linear-attention (Gated DeltaNet)
 layers have no qtx equivalent and are refused.
+
+A rotated model (``ModelConfig.rotated``, docs/methods.md §5) is an ordinary checkpoint of its
+model type (the residual rotation and the folded norms are in the weights) except the online
+Hadamard transforms of the o_proj and down_proj inputs: it is exported with qtx's remote code
+(:func:`native_attention` is False) and ``config.json`` fields ``qtx_online_hadamard: true``
+and ``qtx_rotation_seed``, which :func:`config_from_hf` reads back.
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ def config_from_hf(c, arch: str | None, head: str) -> ModelConfig:
         attention = dict(gate=gate, gate_condition="token", pi_init=0.5 if qkv_bias else None)
     eps = getattr(c, "rms_norm_eps", 1e-6)
     pad = getattr(c, "pad_token_id", None)
+    rotated = bool(getattr(c, "qtx_online_hadamard", False))
     return ModelConfig(
         family="llama",
         vocab_size=c.vocab_size,
@@ -187,6 +194,8 @@ def config_from_hf(c, arch: str | None, head: str) -> ModelConfig:
         num_labels=num_labels_from_hf(c.to_dict()),
         pooler=False,
         attention=AttentionConfig(**attention),
+        rotated=rotated,
+        rotation_seed=int(getattr(c, "qtx_rotation_seed", 0) or 0) if rotated else 0,
     )
 
 
@@ -320,9 +329,9 @@ def native_attention(cfg: ModelConfig) -> bool:
     """True when HF's own class of :func:`hf_model_type` computes ``cfg``'s attention: vanilla
     softmax and no gate, or, on a Qwen3.5-shaped model (zero-centred norms), Qwen3.5's
     elementwise output gate, conditioned on the token, with a bias exactly when q/k/v have one,
-    not divided by ``pi_init``."""
+    not divided by ``pi_init``; never for a rotated model (its online Hadamard transforms)."""
     a = cfg.attention
-    if a.softmax != "vanilla":
+    if a.softmax != "vanilla" or cfg.rotated:
         return False
     if a.gate == "none":
         return True
@@ -411,11 +420,14 @@ def pretrained_problems(cfg: ModelConfig, ckpt_cfg: ModelConfig) -> list[str]:
         }
 
     ours, theirs = effective(cfg), effective(ckpt_cfg)
-    return [
+    out = [
         f"config.model.{f}={ours[f]!r} (checkpoint: {theirs[f]!r})"
         for f in ours
         if ours[f] != theirs[f]
     ]
+    if ckpt_cfg.rotated and not cfg.rotated:  # its weights expect the online transforms
+        out.append("config.model.rotated=False (checkpoint: True)")
+    return out
 
 
 def architecture(cfg: ModelConfig) -> str:
@@ -488,4 +500,7 @@ def hf_config(cfg: ModelConfig):
         layer_types = ["full_attention"] * cfg.num_layers
         c = Qwen3_5TextConfig(**kw, attention_bias=cfg.use_bias, layer_types=layer_types)
     c.architectures = [architecture(cfg)]
+    if cfg.rotated:  # read by the remote code (modeling_qtx.py) and by config_from_hf
+        c.qtx_online_hadamard = True
+        c.qtx_rotation_seed = int(cfg.rotation_seed)
     return c

@@ -38,6 +38,8 @@ def export_problems(cfg: ModelConfig) -> list[str]:
         out.append(f"config.model.activation={cfg.activation!r}")
     if cfg.gamma_migrated:  # non-scaling LayerNorms: export the parameters before migration
         out.append("config.model.gamma_migrated=True")
+    if cfg.shortcut_affine:  # post-LN shortcuts with their own scale and shift (smoothing)
+        out.append("config.model.shortcut_affine=True")
     return out + converter(cfg.family).export_problems(cfg)
 
 

@@ -15,6 +15,13 @@ Weight tensors are in the checkpoint's torch layout; activation tensors in qtx's
 attention points q, k, v, context (B, T, H, Dh); scores, softmax (B, H, T, S)), leading
 singleton axes dropped. A zero-centred RMSNorm stores ``w`` and scales by ``1 + w``, which its
 weight point quantizes: such points carry ``"gain_offset": 1.0`` (``w -> q(w + 1) - 1``).
+
+A rotated model (``ModelConfig.rotated``, docs/methods.md §5) states its rotations under
+``"rotation"``: ``{"online_hadamard": ["o_proj", "down_proj"], "residual": "random_hadamard",
+"seed": s, "blocks": {"residual": b, "o_proj": b, "down_proj": b}}`` (the Hadamard block
+orders); the residual rotation is in the weights, the online transforms are applied by the
+remote code (``hadamard_qtx.py``, enabled by ``config.json``'s ``qtx_online_hadamard``) before
+the ``attn/context`` and ``ffn/act`` points.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from qtx.hf.common import to_hf
 from qtx.hf.converter import converter
 from qtx.hf.load import full_layout
 from qtx.models import ModelConfig, build, dummy_inputs
+from qtx.nn.hadamard import hadamard_order
 from qtx.quant.estimators import estimate
 from qtx.quant.ranges import make_view, reduce, to_view
 
@@ -66,6 +74,8 @@ def _point_axis(name: str, kind: str, spec: quant.QuantSpec, ndim: int, channel_
     if spec.granularity == "channel":
         axis = spec.axis if spec.axis is not None else channel_axis
         return axis - ndim if axis >= 0 else axis
+    if spec.granularity == "token" and spec.axis is not None:  # rows reduce from axis on
+        return spec.axis - ndim if spec.axis >= 0 else spec.axis
     return None
 
 
@@ -154,7 +164,23 @@ def build_sidecar(
         "pre_ln": bool(cfg.pre_ln),
         "points": entries,
     }
+    if cfg.rotated:
+        sidecar["rotation"] = rotation_entry(cfg)
     return sidecar, tensors
+
+
+def rotation_entry(cfg: ModelConfig) -> dict:
+    """The sidecar's ``"rotation"`` statement of a rotated model."""
+    return {
+        "online_hadamard": ["o_proj", "down_proj"],
+        "residual": "random_hadamard",
+        "seed": int(cfg.rotation_seed),
+        "blocks": {
+            "residual": hadamard_order(cfg.hidden_size),
+            "o_proj": hadamard_order(cfg.num_heads * cfg.attention_head_dim),
+            "down_proj": hadamard_order(cfg.intermediate_size),
+        },
+    }
 
 
 def write_sidecar(path: str, cfg: ModelConfig, plan: quant.QuantPlan, variables) -> int:

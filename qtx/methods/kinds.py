@@ -9,7 +9,12 @@
 * :class:`QATInit`: how quantization-aware training starts its quantizers after the plan's
   own calibration (``config.train.qat_init``);
 * :class:`QATTerm`: what a method adds to every QAT step (:class:`qtx.train.steps.StepHooks`)
-  and the state it keeps in ``TrainState.extra``.
+  and the state it keeps in ``TrainState.extra``;
+* the stages a composed PTQ method (:mod:`qtx.methods.pipeline`, ``smoothquant+gptq``) is
+  made of: :class:`Transform` (a rewrite of the trained model, calibrated or not, before the
+  quantizers are calibrated: gamma migration, SmoothQuant, OS+, rotations),
+  :class:`WeightRounding` (weights rounded with calibration data, GPTQ) and
+  :class:`Refinement` (a calibrated model improved on its output error, token-wise clipping).
 
 :mod:`qtx.methods.registry` holds one name -> method table per kind.
 """
@@ -38,6 +43,9 @@ class Calibrated:
     variables: dict
     seconds: float
     info: dict
+    # the full-precision parameters an output-error refinement compares with, when the
+    # variables hold rounded weights (GPTQ); None: ``variables["params"]``
+    reference_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,69 @@ class QATTerm:
     state: Callable[[dict, Callable, dict, dict], dict]
 
 
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A rewrite of a trained model before its quantizers are calibrated (stage 1 of a
+    composed method).
+
+    ``apply(cfg, params, calib, plan, options) -> (cfg', params', info)``: ``calib`` the
+    calibration batches, ``plan`` the setup's quantization plan (what will be quantized and
+    at which bits; a transform that searches on the quantized error reads it), ``options``
+    ``config.eval.ptq_options`` (the transform reads its own fields, listed in
+    ``option_fields``). ``exact``: the rewritten model equals the original in full precision
+    (tested to 1e-5). ``excludes``: transforms it cannot be combined with. ``check(cfg)``
+    raises UserError for a model it cannot transform (run before any compute);
+    ``check_options(options)`` validates its ``option_fields``. ``reparametrisation``: the
+    config-recorded rewrite it applies (so a config that already has it is refused).
+    ``config_of(cfg)``: the config ``apply`` returns, known without computing (None: ``cfg``);
+    drivers check what they can do with it (an export) before any compute."""
+
+    name: str
+    paper: str
+    apply: Callable[..., tuple[ModelConfig, Any, dict]]
+    exact: bool = True
+    option_fields: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    check: Callable[[ModelConfig], None] | None = None
+    check_options: Callable[[Mapping | None], None] | None = None
+    reparametrisation: Reparametrisation | None = None
+    config_of: Callable[[ModelConfig], ModelConfig] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRounding:
+    """Weights rounded with calibration data (stage 2, after the transforms; GPTQ).
+
+    ``apply(cfg, plan, params, calib, options) -> (plan', params', pinned, info)``: the
+    rounded weights (their dequantized values) in ``params'``, a plan whose weight points
+    keep frozen ranges (``plan' = plan_of(plan)``), and ``pinned``: ``{point name: (lo,
+    hi)}`` the ranges those points must quantize with (written into ``quant_stats`` after
+    calibration, so the rounded weights are reproduced exactly). ``calibration_plan(plan',
+    pinned)``: the plan the activations are calibrated with (the pinned points off, so that
+    calibration sees the rounded weights as the final model does; None: ``plan'``)."""
+
+    name: str
+    paper: str
+    apply: Callable[..., tuple[quant.QuantPlan, Any, dict, dict]]
+    option_fields: tuple[str, ...] = ()
+    check: Callable[[ModelConfig], None] | None = None
+    check_options: Callable[[Mapping | None], None] | None = None
+    plan_of: Callable[[quant.QuantPlan], quant.QuantPlan] | None = None
+    calibration_plan: Callable[[quant.QuantPlan, Mapping], quant.QuantPlan] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Refinement:
+    """A calibrated model improved on its output error (stage 4, last; token-wise clipping).
+
+    ``apply(calibrated, calib, options) -> calibrated'`` (a :class:`Calibrated`; its
+    ``seconds`` are added by the caller)."""
+
+    name: str
+    paper: str
+    apply: Callable[[Calibrated, Sequence[dict], Mapping | None], Calibrated]
+
+
 def estimator_rules(
     setup: str,
     method: str,
@@ -132,15 +203,25 @@ def estimator_rules(
     percentile: float | None = None,
 ) -> tuple:
     """The rules of ``setup`` with ``estimator`` for activations (``method`` names the PTQ
-    method in the error of a preset that takes no activation estimator)."""
+    method in the error of a preset that takes no activation estimator). A preset whose
+    activations are all dynamic or in full precision (``w8a8_dynamic``, ``w4a8``, ``w4a16``)
+    has nothing to calibrate: its own rules serve ``minmax`` (round-to-nearest weights)."""
     opts = {**dict(options or {}), "act_estimator": estimator}
     if percentile is not None:
         opts["percentile"] = percentile
     try:
         return quant.setup_rules(setup, **opts)
     except TypeError:
+        own = quant.setup_rules(setup, **dict(options or {}))
+        calibrated = [
+            r for r in own if r.kind != "weight" and r.spec is not None and not r.spec.dynamic
+        ]
+        if estimator == "minmax" and percentile is None and not calibrated:
+            return own
         raise UserError(
             f"post-training quantization method {method!r} needs a setup whose preset takes "
             f"an activation estimator; {setup!r} does not (allowed presets: w8a8_all, "
-            "os_fastertransformer, w8a8_static, or a bit shortcut)."
+            "os_fastertransformer, w8a8_static, or a bit shortcut; methods with the default "
+            "minmax estimator also take presets whose activations are dynamic or FP: "
+            "w8a8_dynamic, w4a8, w4a16)."
         ) from None

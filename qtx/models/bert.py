@@ -55,7 +55,13 @@ class BertEmbeddings(nn.Module):
         self.position = Embed(c.max_positions, c.hidden_size, p, init, c.compute_dtype)
         self.token_type = Embed(c.type_vocab_size, c.hidden_size, p, init, c.compute_dtype)
         self.sum = QuantPoint(p)
-        self.ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
+        self.ln = LayerNorm(
+            p,
+            c.ln_eps,
+            non_scaling=c.gamma_migrated,
+            operand=True,
+            shortcut_affine=c.shortcut_affine,  # it feeds layer 0's shortcut
+        )
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, input_ids, token_type_ids, deterministic=True, token_mask=None):
@@ -107,7 +113,7 @@ class Bert(nn.Module):
             deterministic,
             c.remat,
             output_hidden_states,
-            embed.ln.migrated_gamma() if c.gamma_migrated else None,
+            _embed_shortcut(c, embed),
             scan=c.scan_layers,
             remat_policy=c.remat_policy,
             pooled=pooled,
@@ -126,6 +132,13 @@ class Bert(nn.Module):
         elif c.head == "mlm":
             out["logits"] = MLMHead(c, p, name="mlm_head")(hq, embed.word.attend, token_mask)
         return out
+
+
+def _embed_shortcut(c: ModelConfig, embed: BertEmbeddings):
+    """How layer 0's shortcut reads the embedding LN output (``qtx.nn.transformer``)."""
+    if c.gamma_migrated:
+        return embed.ln.migrated_gamma()
+    return embed.ln.shortcut() if c.shortcut_affine else None
 
 
 class Pooler(nn.Module):

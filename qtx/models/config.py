@@ -66,6 +66,14 @@ class ModelConfig:
     # Outlier Suppression's gamma migration was applied to the parameters: the LayerNorms are
     # non-scaling (set by qtx.methods.outlier_suppression.migrate_gamma, never by hand)
     gamma_migrated: bool = False
+    # SmoothQuant / Outlier Suppression+ on a post-LN model (qtx.methods.smoothquant): every
+    # LayerNorm that feeds a residual shortcut holds ``shortcut_scale`` / ``shortcut_shift``
+    # (D,) and the shortcut reads ``y * shortcut_scale + shortcut_shift`` (set by the methods)
+    shortcut_affine: bool = False
+    # Hadamard rotations (qtx.methods.quarot): the residual stream is rotated (exact) and the
+    # o_proj / down_proj inputs get an online Hadamard transform (set by the method)
+    rotated: bool = False
+    rotation_seed: int = 0  # the random residual rotation's seed (params_for reproduces it)
     # Decoders (families with ``decoder_fields``, qtx.models.llama): grouped-query attention,
     # head width, rotary positions, RMSNorm kind, q/k norms, biases and the LM head's tie
     num_kv_heads: int | None = None  # key/value heads (None: num_heads)
@@ -122,8 +130,14 @@ class ModelConfig:
             bad("remat_policy", ", ".join(REMAT_POLICIES))
         if self.scan_layers and family.no_scan:
             bad("scan_layers", f"False for family {self.family!r} ({family.no_scan})")
+        if self.rotated and not family.decoder_fields:
+            bad("rotated", f"False for family {self.family!r} (rotations need an RMSNorm decoder)")
         if self.scan_layers and self.gamma_migrated:
             bad("scan_layers", "False with gamma migration (each layer's shortcut differs)")
+        if self.shortcut_affine and self.gamma_migrated:
+            bad("shortcut_affine", "False with gamma_migrated=True (both rewrite the shortcut)")
+        if self.scan_layers and self.shortcut_affine and not self.pre_ln:
+            bad("scan_layers", "False with shortcut_affine=True (each layer's shortcut differs)")
 
     @property
     def compute_dtype(self):
@@ -162,6 +176,8 @@ class ModelConfig:
             causal=family.causal,
             attn_torch_init=ATTENTION_PROJ_INITS[self.attention_proj_init],
             gamma_migrated=self.gamma_migrated,
+            shortcut_affine=self.shortcut_affine,
+            online_hadamard=self.rotated,
             attention_kernel=self.attention_kernel,
             layer="decoder" if family.decoder_fields else "transformer",
             num_kv_heads=self.num_kv_heads,

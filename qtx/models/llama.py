@@ -133,6 +133,13 @@ def check_llama(cfg, bad) -> None:
         bad("position_offset", "0 for family 'llama' (rotary positions)")
     if cfg.gamma_migrated:
         bad("gamma_migrated", "False for family 'llama' (gamma migration moves LayerNorm gammas)")
+    if cfg.rotated and cfg.tie_embeddings:
+        bad(
+            "tie_embeddings",
+            "False with rotated=True (the rotation folds the final norm into its own LM head)",
+        )
+    if cfg.rotated and cfg.head != "clm":
+        bad("head", "'clm' with rotated=True (the final norm is folded into the LM head)")
     kv = cfg.num_kv_heads
     if kv is not None and (int(kv) < 1 or cfg.num_heads % int(kv)):
         bad("num_kv_heads", f"None or a positive divisor of num_heads={cfg.num_heads}")

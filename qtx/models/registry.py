@@ -213,6 +213,18 @@ SIZES: dict[str, dict[str, Any]] = {
         qk_norm=True,
         ln_eps=1e-6,
     ),
+    # Llama-2-7B's shape (6.7B parameters, multi-head attention, untied LM head): the
+    # post-training quantization baselines' model (configs/llama_ptq.py)
+    "llama2-7b": dict(
+        _LLAMA,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        max_positions=4096,
+        tie_embeddings=False,
+    ),
     "llama-tiny": dict(_LLAMA, **{**_TINY_TEXT, "num_kv_heads": 2, "intermediate_size": 384}),
     "vit-s16": _VIT,
     "vit-b16": dict(_VIT, hidden_size=768, num_heads=12, intermediate_size=3072),

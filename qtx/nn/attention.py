@@ -41,11 +41,12 @@ from qtx.nn.attention_variants import (
     softpick,
     torch_linear_init,
 )
+from qtx.nn.hadamard import online_hadamard
 from qtx.nn.layers import Dense
 from qtx.nn.norms import RMSNorm
 from qtx.nn.rope import apply_rope
 from qtx.quant import POINTS, TOKENS, QuantPlan, QuantPoint
-from qtx.quant.integer import as_float, matmul, relayout
+from qtx.quant.integer import as_float, matmul, merge_trailing, repeat
 
 __all__ = [
     "ATTENTION",
@@ -101,6 +102,7 @@ class MultiHeadAttention(nn.Module):
     qkv_bias: bool | None = None  # biases of q/k/v (None: use_bias, which o_proj always follows)
     qk_norm: str = ""  # "" or the RMSNorm kind of the per-head q/k norms (qtx.nn.norms)
     norm_eps: float = 1e-6  # epsilon of the q/k norms
+    online_hadamard: bool = False  # o_proj input times I ⊗ H_b before the context point
 
     @nn.compact
     def __call__(
@@ -152,7 +154,7 @@ class MultiHeadAttention(nn.Module):
         k = QuantPoint(p, head_axis=2, operand=True, name="k")(k, token_mask)
         v = QuantPoint(p, head_axis=2, operand=True, name="v")(v, token_mask)
         if kv != h:  # every key/value head serves h / kv consecutive query heads
-            k, v = (relayout(y, lambda a: jnp.repeat(a, h // kv, axis=2)) for y in (k, v))
+            k, v = (repeat(y, h // kv, axis=2) for y in (k, v))
         o_proj = lambda c: dense("o_proj", d, self.out_init_std)(c)  # noqa: E731
         sink = None
         if self.cfg.softmax == "sink":
@@ -213,7 +215,9 @@ class MultiHeadAttention(nn.Module):
         return True
 
     def _output(self, x, context, token_mask, o_proj):
-        """Gate, ``context`` point and ``o_proj`` of ``context`` (B, T, H, Dh)."""
+        """Gate, online Hadamard (rotated decoders: ``context`` flattened to H·Dh times
+        :func:`qtx.nn.hadamard.online_hadamard`), ``context`` point and ``o_proj`` of
+        ``context`` (B, T, H, Dh)."""
         b, t, h, dh = context.shape
         p = self.plan
         if self.cfg.gate != "none":
@@ -221,8 +225,10 @@ class MultiHeadAttention(nn.Module):
             pi = gate(as_float(x), token_mask)
             pi = pi if pi.ndim == 4 else pi[..., None]  # elementwise: (B, T, H, Dh)
             context = context * pi.astype(context.dtype)
+        if self.online_hadamard:
+            context = online_hadamard(context.reshape(b, t, h * dh)).reshape(b, t, h, dh)
         context = QuantPoint(p, head_axis=2, operand=True, name="context")(context, token_mask)
-        context = relayout(context, lambda y: y.reshape(b, t, h * dh))
+        context = merge_trailing(context, 2)  # (B, T, H·Dh); a per-token QArray stays one
         return QuantPoint(p, name="out")(o_proj(context), token_mask)
 
 
@@ -247,4 +253,5 @@ def block_attention(c, plan: QuantPlan) -> MultiHeadAttention:
         qkv_bias=c.qkv_bias,
         qk_norm=c.norm if c.qk_norm else "",
         norm_eps=c.ln_eps,
+        online_hadamard=c.online_hadamard and c.layer == "decoder",  # rotated decoders only
     )

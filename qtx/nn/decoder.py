@@ -7,9 +7,13 @@ Layer ``i`` (module ``layer_i``)::
 
 with the SwiGLU FFN ``down(silu(gate(x)) * up(x))`` (points ``ffn/gate`` (B, T, F), the
 ``gate_proj`` output before SiLU; ``ffn/up`` the ``up_proj`` output; ``ffn/act`` the product,
-``down_proj``'s input; ``ffn/out`` the ``down_proj`` output). Attention is
-:class:`~qtx.nn.attention.MultiHeadAttention` with ``num_kv_heads``, ``head_dim``, q/k norms and
-the rotary tables the model computes once (docs/quantization_points.md).
+``down_proj``'s input; ``ffn/out`` the ``down_proj`` output). A rotated decoder
+(``online_hadamard``, :mod:`qtx.methods.quarot`) multiplies the product by the online
+Hadamard transform :func:`qtx.nn.hadamard.online_hadamard` before ``ffn/act``, as attention
+does before its ``context`` point; ``down_proj`` / ``o_proj`` hold ``H^T`` in their rows.
+Attention is :class:`~qtx.nn.attention.MultiHeadAttention` with ``num_kv_heads``,
+``head_dim``, q/k norms and the rotary tables the model computes once
+(docs/quantization_points.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import flax.linen as nn
 import jax
 
 from qtx.nn.attention import block_attention
+from qtx.nn.hadamard import online_hadamard
 from qtx.nn.layers import Dense, drop_path
 from qtx.nn.norms import RMSNorm
 from qtx.quant import QuantPlan, QuantPoint
@@ -40,7 +45,10 @@ class SwiGLU(nn.Module):
         gate = as_float(QuantPoint(p, name="gate")(gate, m))
         up = Dense(f, p, c.mlp_bias, init, c.dtype, name="up_proj")(x)
         up = as_float(QuantPoint(p, name="up")(up, m))
-        h = QuantPoint(p, name="act", operand=True)(jax.nn.silu(gate) * up, m)
+        h = jax.nn.silu(gate) * up
+        if c.online_hadamard:
+            h = online_hadamard(h)
+        h = QuantPoint(p, name="act", operand=True)(h, m)
         out = Dense(x.shape[-1], p, c.mlp_bias, out_init, c.dtype, name="down_proj")(h)
         return QuantPoint(p, name="out")(out, m)
 

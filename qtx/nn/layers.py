@@ -107,6 +107,12 @@ class LayerNorm(nn.Module):
     ``alias``: a second name rules may give the output point (``head_ln/out``, see
     ``qtx.nn.transformer``); a full-precision rule for it that precedes the rules for ``out``
     leaves the output without a point (:func:`alias_removes`).
+
+    ``shortcut_affine=True`` (a post-LN LayerNorm that feeds a residual shortcut, in a model
+    smoothed by SmoothQuant / OS+) adds the parameters ``shortcut_scale`` (ones) and
+    ``shortcut_shift`` (zeros) (D,): the shortcut reads ``y * shortcut_scale +
+    shortcut_shift`` (:meth:`shortcut`) while the weights that read ``y`` absorb the same
+    scale and shift, so smoothing the output stays exact.
     """
 
     plan: QuantPlan = QuantPlan()
@@ -114,6 +120,7 @@ class LayerNorm(nn.Module):
     non_scaling: bool = False
     operand: bool = False  # the output feeds matmuls (a QArray in an integer plan)
     alias: str | None = None  # a second name of ``out`` for rules (see alias_removes)
+    shortcut_affine: bool = False  # holds shortcut_scale / shortcut_shift (see above)
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -122,6 +129,9 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        if self.shortcut_affine:
+            self.param("shortcut_scale", nn.initializers.ones, (d,), jnp.float32)
+            self.param("shortcut_shift", nn.initializers.zeros, (d,), jnp.float32)
         xf = x.astype(jnp.float32)
         mu = xf.mean(-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
@@ -138,6 +148,12 @@ class LayerNorm(nn.Module):
         """(D,) float32 ``where(gamma == 0, 1, gamma)``: what a non-scaling LN's consumers
         multiply by (call after ``__call__``)."""
         return migrated_gamma(self.get_variable("params", "scale"))
+
+    def shortcut(self) -> tuple:
+        """``(shortcut_scale, shortcut_shift)`` (D,) float32 of a LayerNorm with
+        ``shortcut_affine`` (call after ``__call__``)."""
+        get = lambda n: self.get_variable("params", n).astype(jnp.float32)  # noqa: E731
+        return get("shortcut_scale"), get("shortcut_shift")
 
 
 def alias_removes(plan: QuantPlan, name: str, alias: str) -> bool:

@@ -19,6 +19,14 @@ the weights that read them. Post-LN layers then also multiply the shortcut by it
 ``x' = LN'(g_in * x + Attn(x))`` where ``g_in`` is the gamma of the LayerNorm that produced
 ``x``; the last layer's FFN LayerNorm feeds the model head and keeps its gamma.
 
+With ``shortcut_affine`` (SmoothQuant / Outlier Suppression+ on a post-LN model, see
+``qtx.methods.smoothquant``) every LayerNorm whose output feeds a residual shortcut (each
+``attn_ln``, each ``ffn_ln`` but the last layer's, and the embedding LN of BERT) holds
+``shortcut_scale`` / ``shortcut_shift`` (D,), and the shortcut reads ``y * shortcut_scale +
+shortcut_shift`` (:func:`apply_shortcut`): smoothing the LN output ``y' = (y - z) / s`` then
+gives the shortcut scale ``s`` and shift ``z``, and the model is unchanged. It cannot be
+combined with gamma migration, nor (post-LN) with ``scan_layers``.
+
 When a pooler reads the last post-LN layer (``run_layers(..., pooled=True)``), that layer's
 ``ffn_ln/out`` also has the rule name ``head_ln/out`` (:data:`HEAD_LN_ALIAS`): rules cannot
 tell the last layer by its name, so a full-precision rule for ``head_ln/out`` ahead of the
@@ -73,6 +81,8 @@ class BlockConfig:
     causal: bool = False  # a decoder: position t sees positions <= t only
     attn_torch_init: str = ""  # attention projections ("qkvo" letters) with PyTorch's init
     gamma_migrated: bool = False  # non-scaling LayerNorms, gamma in the following weights
+    shortcut_affine: bool = False  # post-LN shortcuts read y * shortcut_scale + shortcut_shift
+    online_hadamard: bool = False  # Hadamard transform of the o_proj / down_proj inputs
     attention_kernel: str = "auto"  # see qtx.nn.attention.ATTENTION_KERNELS
     # the block (LAYERS): "transformer" (this module's) or "decoder" (qtx.nn.decoder, with
     # the fields below: GQA, head width, q/k norms, RMSNorm kind, biases)
@@ -107,10 +117,11 @@ class FFN(nn.Module):
 class TransformerLayer(nn.Module):
     """One block ``x`` (B, T, D) -> (B, T, D); ``mask`` bool (B, 1, T, S), True = attend.
 
-    ``shortcut_gamma`` (D,): with gamma migration in a post-LN model, the migrated gamma of
-    the LayerNorm that produced ``x`` (None: 1). ``head_ln``: this layer's output LayerNorm
-    feeds the model head (the last post-LN layer), so it keeps its gamma. ``pooled``: with
-    ``head_ln``, a pooler reads that output, whose point then has the alias
+    ``shortcut_gamma``: how a post-LN model's shortcut reads ``x`` (:func:`apply_shortcut`):
+    None, the migrated gamma (D,) of the LayerNorm that produced ``x`` (gamma migration) or
+    its ``(shortcut_scale, shortcut_shift)`` (``shortcut_affine``). ``head_ln``: this layer's
+    output LayerNorm feeds the model head (the last post-LN layer), so it keeps its gamma.
+    ``pooled``: with ``head_ln``, a pooler reads that output, whose point then has the alias
     :data:`HEAD_LN_ALIAS`.
     """
 
@@ -124,13 +135,17 @@ class TransformerLayer(nn.Module):
         self.attn = block_attention(c, p)
         self.ffn = FFN(c, p)
         # both LayerNorms feed matmuls (the branch, or in post-LN the FFN / the next layer)
-        self.attn_ln = LayerNorm(p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True)
+        affine = c.shortcut_affine and not c.pre_ln  # post-LN shortcuts read an affine LN output
+        self.attn_ln = LayerNorm(
+            p, c.ln_eps, non_scaling=c.gamma_migrated, operand=True, shortcut_affine=affine
+        )
         self.ffn_ln = LayerNorm(
             p,
             c.ln_eps,
             non_scaling=self.output_ln_migrated,
             operand=True,
             alias=HEAD_LN_ALIAS if self.head_ln and self.pooled else None,
+            shortcut_affine=affine and not self.head_ln,
         )
         self.residual_attn = QuantPoint(p)
         self.residual_ffn = QuantPoint(p)
@@ -141,7 +156,10 @@ class TransformerLayer(nn.Module):
         return self.cfg.gamma_migrated and (self.cfg.pre_ln or not self.head_ln)
 
     def output_gamma(self):
-        """The migrated gamma the next post-LN layer multiplies its shortcut by, or None."""
+        """How the next post-LN layer's shortcut reads this output (:func:`apply_shortcut`):
+        the migrated gamma, ``(shortcut_scale, shortcut_shift)`` or None."""
+        if self.cfg.shortcut_affine and not (self.cfg.pre_ln or self.head_ln):
+            return self.ffn_ln.shortcut()
         if self.cfg.pre_ln or not self.output_ln_migrated:
             return None
         return self.ffn_ln.migrated_gamma()
@@ -172,14 +190,26 @@ class TransformerLayer(nn.Module):
             f = branch(self.ffn(self.ffn_ln(x, m), deterministic, m))
             return self.residual_ffn(x + f, m)
         a = branch(self.attn(x, mask, m, deterministic))
-        x = as_float(x)
-        shortcut = x if shortcut_gamma is None else x * shortcut_gamma
+        shortcut = apply_shortcut(as_float(x), shortcut_gamma)
         xq = self.attn_ln(self.residual_attn(shortcut + a, m), m)
         f = branch(self.ffn(xq, deterministic, m))
         x = as_float(xq)
         if c.gamma_migrated:
             x = x * self.attn_ln.migrated_gamma()
+        elif c.shortcut_affine:
+            x = apply_shortcut(x, self.attn_ln.shortcut())
         return self.ffn_ln(self.residual_ffn(x + f, m), m)
+
+
+def apply_shortcut(x, shortcut):
+    """``x`` (..., D) float as a post-LN residual shortcut reads it: ``shortcut`` None (``x``),
+    a (D,) factor ``g`` (gamma migration: ``g * x``) or a pair ``(scale, shift)``
+    (``shortcut_affine``: ``x * scale + shift``)."""
+    if shortcut is None:
+        return x
+    if isinstance(shortcut, tuple):
+        return x * shortcut[0] + shortcut[1]
+    return x * shortcut
 
 
 def layer_class(cfg: BlockConfig) -> type[nn.Module]:
@@ -218,10 +248,11 @@ def run_layers(
     """Runs ``layer_0 .. layer_{n-1}`` inside the calling module's compact method, so the
     layers are named at the model's top level (``layer_3/attn/softmax``).
 
-    ``shortcut_gamma``: the migrated gamma of the LayerNorm that produced ``x`` (post-LN
-    models under gamma migration), else None. Returns the final hidden states and, if
-    ``collect``, the ``num_layers + 1`` layer inputs and outputs (as HF's ``hidden_states``;
-    with gamma migration they are reported with their gamma applied, as the original model's).
+    ``shortcut_gamma``: how the first layer's shortcut reads ``x`` (post-LN models under
+    gamma migration or ``shortcut_affine``, see :func:`apply_shortcut`), else None. Returns
+    the final hidden states and, if ``collect``, the ``num_layers + 1`` layer inputs and
+    outputs (as HF's ``hidden_states``; with gamma migration or ``shortcut_affine`` they are
+    reported as the shortcut reads them, i.e. as the original model's).
     ``linear_drop_path``: layer i drops its branches with rate ``cfg.drop_path * i / (L - 1)``
     (DeiT / timm's stochastic depth) instead of ``cfg.drop_path`` everywhere.
     ``remat``: recompute each layer's activations in the backward pass, saving what
@@ -233,6 +264,17 @@ def run_layers(
     ``cfg.layer`` picks the block (:data:`LAYERS`); ``rope``: the decoder's rotary tables
     ``(cos, sin)`` (B, T, R), handed to every layer.
     """
+    if cfg.shortcut_affine and cfg.gamma_migrated:
+        raise UserError(
+            "config.model.shortcut_affine=True (SmoothQuant / OS+) cannot be combined with "
+            "gamma_migrated=True; allowed: at most one of them True."
+        )
+    if scan and cfg.shortcut_affine and not cfg.pre_ln:
+        raise UserError(
+            "config.model.scan_layers=True gives every layer the same parameters, but a "
+            "post-LN model with shortcut_affine=True has none on the last layer's shortcut; "
+            "allowed: scan_layers=False."
+        )
     if scan:
         name = f"layer_{num_layers - 1}/ffn_ln/out"
         if pooled and not cfg.pre_ln and alias_removes(plan, name, HEAD_LN_ALIAS):
@@ -250,7 +292,7 @@ def run_layers(
     if remat:
         layer_cls = nn.remat(layer_cls, static_argnums=(4,), policy=REMAT_POLICIES[remat_policy])
     extra = () if rope is None else (None, rope)  # drop_rate, rope (decoder layers)
-    states = [as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma]
+    states = [apply_shortcut(as_float(x), shortcut_gamma)]
     for i in range(num_layers):
         head_ln = not cfg.pre_ln and i == num_layers - 1
         layer_cfg = cfg
@@ -260,7 +302,7 @@ def run_layers(
         layer = layer_cls(layer_cfg, plan, head_ln, head_ln and pooled, name=f"layer_{i}")
         x = layer(x, mask, token_mask, deterministic, shortcut_gamma, *extra)
         shortcut_gamma = layer.output_gamma()
-        states.append(as_float(x) if shortcut_gamma is None else as_float(x) * shortcut_gamma)
+        states.append(apply_shortcut(as_float(x), shortcut_gamma))
     return x, (tuple(states) if collect else None)
 
 

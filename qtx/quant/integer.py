@@ -77,6 +77,57 @@ class QArray:
             return fn(self.value)
         return self.replace(codes=fn(self.codes), value=fn(self.value))
 
+    def repeat(self, repeats: int, axis: int):
+        """Every slice along ``axis`` repeated ``repeats`` times (a GQA key / value serving
+        several query heads). Parameters kept with every axis follow: repeated where they
+        vary along ``axis``, broadcast where they have size 1 there (a per-token scale
+        over heads); others leave the float value."""
+        axis = axis % self.ndim
+
+        def param(p):
+            if p is None or jnp.ndim(p) == 0:
+                return p
+            if jnp.ndim(p) != self.ndim:
+                return False
+            return p if p.shape[axis] == 1 else jnp.repeat(p, repeats, axis=axis)
+
+        params = [param(p) for p in (self.scale, self.zero, self.offset)]
+        if any(p is False for p in params):
+            return jnp.repeat(self.value, repeats, axis=axis)
+        scale, zero, offset = params
+        return self.replace(
+            codes=jnp.repeat(self.codes, repeats, axis=axis),
+            value=jnp.repeat(self.value, repeats, axis=axis),
+            scale=scale,
+            zero=zero,
+            offset=offset,
+        )
+
+    def merge_trailing(self, n: int):
+        """The last ``n`` axes merged into one. Parameters constant along them (per tensor,
+        or size 1 there: a per-token scale of a (B, T, H, Dh) context) follow; others
+        (a per-head scale) leave the float value."""
+        shape = self.shape[: self.ndim - n] + (math.prod(self.shape[self.ndim - n :]),)
+
+        def param(p):
+            if p is None or jnp.ndim(p) == 0:
+                return p
+            if jnp.ndim(p) != self.ndim or any(d != 1 for d in p.shape[self.ndim - n :]):
+                return False
+            return p.reshape(p.shape[: self.ndim - n] + (1,))
+
+        params = [param(p) for p in (self.scale, self.zero, self.offset)]
+        if any(p is False for p in params):
+            return self.value.reshape(shape)
+        scale, zero, offset = params
+        return self.replace(
+            codes=self.codes.reshape(shape),
+            value=self.value.reshape(shape),
+            scale=scale,
+            zero=zero,
+            offset=offset,
+        )
+
 
 def as_float(x):
     """The float tensor ``x`` stands for (``x.value`` for a QArray, else ``x``)."""
@@ -86,6 +137,19 @@ def as_float(x):
 def relayout(x, fn):
     """``fn`` (a reshape / slice / transpose) applied to an array or a QArray."""
     return x.relayout(fn) if isinstance(x, QArray) else fn(x)
+
+
+def repeat(x, repeats: int, axis: int):
+    """``jnp.repeat`` of an array or a QArray (see :meth:`QArray.repeat`)."""
+    return x.repeat(repeats, axis) if isinstance(x, QArray) else jnp.repeat(x, repeats, axis)
+
+
+def merge_trailing(x, n: int):
+    """The last ``n`` axes of an array or a QArray merged into one (see
+    :meth:`QArray.merge_trailing`)."""
+    if isinstance(x, QArray):
+        return x.merge_trailing(n)
+    return x.reshape(x.shape[: x.ndim - n] + (math.prod(x.shape[x.ndim - n :]),))
 
 
 def code_shift(qmax: int) -> int:

@@ -36,9 +36,9 @@ _LINEAR_WEIGHTS = (
     r"(^|/)attn/(q|k|v|o|qkv)_proj/weight$"
     r"|(^|/)ffn/(fc1|fc2|gate_proj|up_proj|down_proj)/weight$|(^|/)project_(in|out)/weight$"
 )
-# the inputs of those linear layers: q/k/v and FFN inputs (normalised hidden states), the
-# o_proj input and the fc2 / down_proj input
-_LINEAR_INPUTS = r"(^|/)(attn_ln|ffn_ln)/out$|(^|/)attn/context$|(^|/)ffn/act$"
+# the inputs of those linear layers: q/k/v and FFN inputs (normalised hidden states; BERT's
+# embedding LayerNorm feeds layer 0), the o_proj input and the fc2 / down_proj input
+_LINEAR_INPUTS = r"(^|/)(attn_ln|ffn_ln)/out$|^embed/ln/out$|(^|/)attn/context$|(^|/)ffn/act$"
 # the FFN's pre-activation outputs a fused kernel never writes out: OPT's fc1 output, llama's
 # gate_proj and up_proj outputs (silu(gate) * up is computed in one go)
 _FUSED_FFN = r"(^|/)ffn/(hidden|gate|up)$"
@@ -90,7 +90,15 @@ def _per_token_acts(a, act_scheme, attention):
         )
     return (
         *attn,
-        rule(_LINEAR_INPUTS, "act", "linear-layer inputs per token", scheme=act_scheme, **tok),
+        # axis 2: a (B, T, H, Dh) context is one row per token across its heads (one scale
+        # per row of o_proj's input, so o_proj runs as an integer matmul)
+        rule(
+            _LINEAR_INPUTS,
+            "act",
+            "linear-layer inputs per token",
+            scheme=act_scheme,
+            **dict(tok, axis=2),
+        ),
         rule(r".", "act", "other activations stay FP", off=True),
     )
 

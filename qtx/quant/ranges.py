@@ -51,8 +51,9 @@ def make_view(
     g = spec.granularity
     if g == "tensor" or ndim == 0:
         return View(shape, shape, tuple(range(ndim)), True)
-    if g == "token":
-        return View(shape, shape, (ndim - 1,), False)
+    if g == "token":  # one range per row: the axes from ``axis`` (default: the last) reduce
+        first = ndim - 1 if spec.axis is None else _norm_axis(spec.axis, ndim, where)
+        return View(shape, shape, tuple(range(first, ndim)), False)
     if g == "head":
         if head_axis is None:
             raise UserError(

@@ -61,7 +61,8 @@ class QuantSpec:
         ``[0, 2^b-1]`` with integer zero point, range forced to contain 0) or ``unsigned``
         (grid ``[0, 2^b-1]``, zero point 0; for post-softmax / post-GELU outputs).
       granularity: ``tensor``; ``channel`` (along ``axis``, default the point's channel axis);
-        ``token`` (one range per row, reduced over the last axis; dynamic only); ``head`` (the
+        ``token`` (one range per row, reduced over the axes from ``axis`` on, default the
+        last one; dynamic only); ``head`` (the
         point's head axis); ``group`` (``axis`` split into groups of ``group_size``, at most
         the axis size; per channel too when ``axis`` is not the point's channel axis).
       estimator: how ranges are found, see :data:`ESTIMATORS`.

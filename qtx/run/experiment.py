@@ -363,6 +363,8 @@ def _check_ptq(exp: Experiment) -> None:
         except (ValueError, TypeError) as e:
             raise UserError(f"config.eval.setups[{label!r}]: {e}") from None
     for m in ptq:
+        if getattr(m, "check", None) is not None:  # a composed method's stages
+            m.check(exp.model, ev["ptq_options"])
         r = m.reparametrisation
         if r is not None and r.applied(exp.model):
             users = [n for n, p in methods.PTQ.items() if p.reparametrisation == r]

@@ -7,8 +7,10 @@ of ``workdir``, and writes into ``out``:
   qtx's PyTorch modeling code and ``auto_map``);
 * the tokenizer of ``config.data.tokenizer`` (text models);
 * for a model trained with quantizers (QAT), or with ``quantize=SETUP`` (calibrated here as
-  ``eval.py`` does), the quantization sidecar (:mod:`qtx.hf.quant_sidecar`) and
-  ``quantization_qtx.py``, which applies it to the PyTorch model.
+  ``eval.py`` does, with the post-training ``method`` when given: e.g. ``smoothquant+gptq``,
+  whose transformed parameters are the ones exported), the quantization sidecar
+  (:mod:`qtx.hf.quant_sidecar`) and ``quantization_qtx.py``, which applies it to the PyTorch
+  model.
 
 Every check (config, checkpoint, output directory) runs before anything is written.
 """
@@ -29,6 +31,7 @@ from qtx.evaluate import integer
 from qtx.evaluate.ptq import calibrate_setup
 from qtx.hf import quant_sidecar, remote
 from qtx.hf.export import export, export_problems
+from qtx.methods import registry as methods
 from qtx.models import build, dummy_inputs
 from qtx.models.family import family_record
 from qtx.run import experiment as experiment_lib
@@ -97,16 +100,61 @@ def _model_params(cfg, params) -> dict:
     return unflatten_dict({k: v for k, v in flatten_dict(params).items() if k in keep})
 
 
-def _calibrated(exp, config, params, setup: str) -> tuple[quant.QuantPlan, dict]:
-    """``(plan, variables)`` of the PTQ ``setup`` calibrated on the config's training data, as
-    ``eval.py`` calibrates it (``config.eval.calib_batches`` x ``calib_batch_size``)."""
+def _calibrated(exp, config, params, setup: str, method: str | None = None):
+    """``(model config, plan, variables)`` of the PTQ ``setup`` calibrated on the config's
+    training data as ``eval.py`` calibrates it (``config.eval.calib_batches`` x
+    ``calib_batch_size``), with the post-training ``method`` when given (its model config
+    and parameters: a transform such as a rotation changes them)."""
     _, mesh, pipe = prepare(config)
     ev = exp.eval
-    rules = quant.setup_rules(setup, **dict(ev["options"] or {}))
-    plan = quant.QuantPlan(rules, mode="quantize", calibration=ev["calibration"])
     batches = pipe.calib_batches(int(ev["calib_batches"]), int(ev["calib_batch_size"]))
     calib = [global_batch(mesh, b) for b in batches]
-    return plan, calibrate_setup(exp.model, plan, params, calib)
+    if method is not None:
+        ptq = methods.ptq_method(method, "--method")
+        candidates = list(
+            ptq.calibrate(
+                exp.model, setup, params, calib, ev["options"], ev["calibration"],
+                ev["ptq_options"],
+            )
+        )  # fmt: skip
+        c = candidates[0]
+        say(f"{method}: calibrated in {c.seconds:.1f} s")
+        return c.cfg, c.plan, c.variables
+    rules = quant.setup_rules(setup, **dict(ev["options"] or {}))
+    plan = quant.QuantPlan(rules, mode="quantize", calibration=ev["calibration"])
+    return exp.model, plan, calibrate_setup(exp.model, plan, params, calib)
+
+
+def _check_method(exp, quantize: str | None, method: str | None):
+    """The model config ``method`` gives (checked before any compute; None: no method)."""
+    if method is None:
+        return exp.model
+    if quantize is None:
+        raise UserError(
+            f"--method={method} needs --quantize=SETUP (the setup it calibrates, e.g. "
+            "w8a8_dynamic)."
+        )
+    ptq = methods.ptq_method(method, "--method")
+    ptq.rules(quantize, exp.eval["options"])
+    if getattr(ptq, "check", None) is not None:
+        ptq.check(exp.model, exp.eval["ptq_options"])
+    if ptq.reparametrisation is not None and ptq.reparametrisation.applied(exp.model):
+        raise UserError(
+            f"--method={method} applies {ptq.reparametrisation.name}, which this model config "
+            f"already has (config.model.{ptq.reparametrisation.config_field}=True)."
+        )
+    if method == "percentile" or getattr(ptq, "estimator", None) == "percentile":
+        pcts = exp.eval["ptq_options"].get("percentiles") if exp.eval["ptq_options"] else None
+        if pcts is None or len(pcts) != 1:
+            raise UserError(
+                f"--method={method} calibrates one candidate per percentile; set "
+                "config.eval.ptq_options.percentiles to one value (e.g. (99.99,))."
+            )
+    out = getattr(ptq, "out_config", None)
+    if out is not None:
+        return out(exp.model)
+    rep = ptq.reparametrisation  # a registered method: the rewrite its config records
+    return exp.model if rep is None else exp.model.replace(**{rep.config_field: True})
 
 
 def export_workdir(
@@ -116,23 +164,34 @@ def export_workdir(
     step: int | None = None,
     overwrite: bool = False,
     quantize: str | None = None,
+    method: str | None = None,
 ) -> dict:
-    """Writes the Hugging Face directory ``out``; returns a summary (step, files, points)."""
+    """Writes the Hugging Face directory ``out``; returns a summary (step, files, points).
+    ``method``: the post-training method that calibrates ``quantize`` (its transformed
+    parameters are exported)."""
     exp = experiment_lib.load(config)
     cfg = exp.model
-    problems = export_problems(cfg)
-    if problems:
-        raise UserError(
-            f"{', '.join(problems)} cannot be represented in a Hugging Face checkpoint; "
-            "the workdir's own (orbax) checkpoints keep the model."
-        )
     if quantize is not None:
         quant.setup_rules(quantize, **dict(exp.eval["options"] or {}))  # validates the setup
+    problems = export_problems(_check_method(exp, quantize, method))
+    if problems:
+        via = f" (given by --method={method})" if method else ""
+        raise UserError(
+            f"{', '.join(problems)}{via} cannot be represented in a Hugging Face checkpoint; "
+            "the workdir's own (orbax) checkpoints keep the model."
+        )
     _check_out(out, overwrite)
     trained_quant = exp.plan.needs_calibration
     step, params, extra = _restore(exp, workdir, step, trained_quant)
     say(f"exporting step {step} of {workdir} to {out}")
     model_params = _model_params(cfg, params)
+    calibrated = None
+    if quantize is not None:  # a method may transform the parameters: calibrate first
+        calibrated = _calibrated(exp, config, jax.device_get(model_params), quantize, method)
+        cfg = calibrated[0]
+        model_params = _model_params(cfg, calibrated[2]["params"])
+        if export_problems(cfg):  # caught above for every registered method
+            raise UserError(f"--method={method} gave {', '.join(export_problems(cfg))}.")
     if os.path.isdir(out) and overwrite:
         _remove_export_files(out)
     export(out, cfg, {"params": model_params})
@@ -141,8 +200,8 @@ def export_workdir(
         if spec.tokenizer:
             load_tokenizer(spec.tokenizer).save_pretrained(out)
     points = 0
-    if quantize is not None:
-        plan, variables = _calibrated(exp, config, jax.device_get(model_params), quantize)
+    if calibrated is not None:
+        cfg, plan, variables = calibrated
         points = quant_sidecar.write_sidecar(out, cfg, plan, variables)
     elif trained_quant:
         variables = {"params": params, **extra}
@@ -161,34 +220,39 @@ def export_integer(
     step: int | None = None,
     overwrite: bool = False,
     quantize: str | None = None,
+    method: str | None = None,
 ) -> dict:
     """``export.py --int8``: the integer model (int8 weights, scales, zero points and
-    activation ranges, see :mod:`qtx.evaluate.integer`) of the PTQ setup ``quantize`` or of
-    a QAT-trained workdir, written to ``out``."""
+    activation ranges, see :mod:`qtx.evaluate.integer`) of the PTQ setup ``quantize`` (with
+    the post-training ``method`` when given) or of a QAT-trained workdir, written to ``out``."""
 
     exp = experiment_lib.load(config)
     trained_quant = exp.plan.needs_calibration
     if quantize is not None:
         quant.setup_rules(quantize, **dict(exp.eval["options"] or {}))  # validates the setup
-    elif not trained_quant:
+    _check_method(exp, quantize, method)
+    if quantize is None and not trained_quant:
         raise UserError(
             "--int8 needs --quantize=SETUP (e.g. W8A8) or a workdir trained with quantizers "
             "(config.quant); this config trains in full precision."
         )
     _check_out(out, overwrite)
     step, params, extra = _restore(exp, workdir, step, trained_quant)
+    cfg = exp.model
     if quantize is not None:
         model_params = jax.device_get(_model_params(exp.model, params))
-        plan, variables = _calibrated(exp, config, model_params, quantize)
+        cfg, plan, variables = _calibrated(exp, config, model_params, quantize, method)
     else:
         plan, variables = exp.plan, {"params": params, **extra}
-    iplan, int_vars, report = integer.to_integer(exp.model, plan, variables)
+    iplan, int_vars, report = integer.to_integer(cfg, plan, variables)
     if os.path.isdir(out) and overwrite:
         for name in (integer.CONFIG_FILE, integer.WEIGHTS_FILE, "eval.json"):
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     source = {"workdir": workdir, "step": int(step), "setup": quantize or "trained"}
-    files = integer.save(out, exp.model, plan, int_vars, report, source)
+    if method is not None:
+        source["method"] = method
+    files = integer.save(out, cfg, plan, int_vars, report, source)
     ratio = report.float_weight_bytes / max(report.weight_bytes, 1)
     say(
         f"wrote {', '.join(files)} to {out}: {report.weights} int8 weights, "

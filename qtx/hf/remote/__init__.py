@@ -1,9 +1,9 @@
 """PyTorch modeling code shipped inside exported Hugging Face directories.
 
 :func:`qtx.hf.export` copies ``configuration_qtx.py``, ``attention_qtx.py``,
-``modeling_qtx.py`` and ``quantization_qtx.py`` next to the weights of a model whose
-attention HF cannot represent, so ``AutoModel*.from_pretrained(dir, trust_remote_code=True)``
-runs it. They import torch and
+``hadamard_qtx.py``, ``modeling_qtx.py`` and ``quantization_qtx.py`` next to the weights of a
+model whose attention HF cannot represent (or that is rotated), so
+``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` runs it. They import torch and
 transformers only, never qtx, and are not imported by qtx itself.
 """
 
@@ -11,7 +11,7 @@ import pathlib
 import shutil
 
 DIR = pathlib.Path(__file__).resolve().parent
-FILES = ("configuration_qtx.py", "attention_qtx.py", "modeling_qtx.py")
+FILES = ("configuration_qtx.py", "attention_qtx.py", "hadamard_qtx.py", "modeling_qtx.py")
 QUANT_FILE = "quantization_qtx.py"
 
 

@@ -15,6 +15,10 @@ here have a ``q_proj`` of the query alone (their output gate is in ``qtx_gates``
 Qwen3.5 (a plain export being quantized) keeps its gate in ``q_proj`` (per head: query rows,
 then gate rows) and gets ``sigmoid`` of those rows elementwise.
 Decoders keep HF's key/value cache (``generate`` works), except with head-pooled gates.
+A rotated decoder (``config.qtx_online_hadamard``, qtx's QuaRot rotation) multiplies the gated
+context, flattened to H·Dh, by the online Hadamard transform of hadamard_qtx.py before the
+``context`` point and o_proj, and every down_proj input likewise (a forward pre-hook, which
+runs before the ``ffn/act`` quantizer of quantization_qtx.py); the weights hold the rest.
 
 Everything else (embeddings, MLPs, heads, generation, pipelines, ``save_pretrained``) is the
 Hugging Face code. Needs transformers >= 5 (its module tree and attention signatures).
@@ -74,6 +78,7 @@ try:  # loaded by transformers from the export directory, or imported from it di
         QtxSwinConfig,
         QtxViTConfig,
     )
+    from .hadamard_qtx import hadamard_input_hook, online_hadamard
 except ImportError:
     from attention_qtx import (
         AttentionGate,
@@ -95,6 +100,7 @@ except ImportError:
         QtxSwinConfig,
         QtxViTConfig,
     )
+    from hadamard_qtx import hadamard_input_hook, online_hadamard
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(
@@ -261,6 +267,8 @@ def _decoder_attention_forward(self, hidden_states, *args, **kwargs):
     context, probs = _normalise(self, scores, v, allowed, attention_mask, hidden_states, past)
     if fused_gate is not None:
         context = context * self.qtx_fused_gate(fused_gate).to(context.dtype)
+    if self.qtx_online_hadamard:
+        context = online_hadamard(context.reshape(b, t, h * dh)).reshape(b, t, h, dh)
     out = point("context")(context).reshape(b, t, h * dh)
     return self.o_proj(out), probs
 
@@ -338,6 +346,13 @@ def install_attention(model: nn.Module) -> None:
         raise ValueError(f"found {len(modules)} attention modules for {expected} layers.")
     if all(hasattr(m, "qtx_attention") for m in modules):
         return
+    rotated = bool(getattr(config, "qtx_online_hadamard", False))
+    if rotated and family not in DECODERS:
+        raise ValueError(f"qtx_online_hadamard is for decoders, not {family} models.")
+    if rotated:  # every down_proj input, before any quantizer hook registered later
+        for mlp in holder.modules():
+            if isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+                mlp.down_proj.register_forward_pre_hook(hadamard_input_hook, with_kwargs=True)
     gates, sinks = [], nn.ParameterList()
     for i, m in enumerate(modules):
         names = ATTENTION_MODULES[type(m).__name__]
@@ -357,6 +372,7 @@ def install_attention(model: nn.Module) -> None:
         m.qtx_causal = family == "opt" or family in DECODERS
         m.qtx_swin = family == "swin"
         m.qtx_qk_norm = hasattr(m, "q_norm")
+        m.qtx_online_hadamard = rotated
         m.__dict__["qtx_fused_gate"] = FusedGate(a) if fused else None
         if a["gate"] != "none" and not fused:
             gate = AttentionGate(a, proj.in_features, heads, head_dim, m.qtx_causal)

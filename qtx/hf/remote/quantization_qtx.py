@@ -29,7 +29,10 @@ quantized by forward hooks and by qtx's attention forward (``modeling_qtx.py``),
 inference (``model.eval()``, under ``torch.no_grad()``). A weight point with
 ``"gain_offset": c`` quantizes ``w + c`` and stores ``q(w + c) - c`` (zero-centred RMSNorm
 gains, applied as ``1 + w``); the query and gate rows of HF Qwen3.5's fused ``q_proj`` are
-the points ``attn/q_proj`` and ``attn/gate/dense``.
+the points ``attn/q_proj`` and ``attn/gate/dense``. A rotated model's sidecar states its
+rotations (``"rotation"``: the online Hadamard transforms before o_proj and down_proj, which
+``modeling_qtx.py`` applies when ``config.qtx_online_hadamard`` is set, and the residual
+rotation held by the weights); the model must be the rotated export it was written for.
 """
 
 import json
@@ -148,8 +151,9 @@ def _reduce_axes(x: torch.Tensor, p: dict) -> tuple[int, ...]:
         return tuple(range(2, nd)) if nd >= 3 else tuple(range(1, nd))
     if g == "tensor":
         return tuple(range(nd))
-    if g == "token":
-        return (nd - 1,)
+    if g == "token":  # one range per row, over the axes from "axis" (default: the last) on
+        first = nd - 1 if p.get("axis") is None else p["axis"] % nd
+        return tuple(range(first, nd))
     keep = p["axis"] % nd
     return tuple(i for i in range(nd) if i != keep)
 
@@ -393,6 +397,12 @@ def apply_quantization(model: nn.Module, path: str | None = None) -> list[str]:
         raise ValueError(
             f"the sidecar is for a {sidecar['model_type']} model, not "
             f"{base_model_type(model.config)}."
+        )
+    rotated = bool(getattr(model.config, "qtx_online_hadamard", False))
+    if bool(sidecar.get("rotation")) != rotated:
+        raise ValueError(
+            f"the sidecar is for a {'' if sidecar.get('rotation') else 'not '}rotated model; "
+            f"this model's config has qtx_online_hadamard={rotated}."
         )
     install_attention(model)  # qtx's attention forward holds the attention points
     sites = _Sites(model, sidecar)

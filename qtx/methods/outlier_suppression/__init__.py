@@ -22,16 +22,18 @@ from qtx.methods.outlier_suppression.gamma_migration import (
     zero_gamma_channels,
 )
 from qtx.methods.outlier_suppression.ptq import (
+    GAMMA_MIGRATION_TRANSFORM,
     MIGRATED_MINMAX,
     MINMAX,
     OMSE,
     OUTLIER_SUPPRESSION,
     PERCENTILE,
     TOKEN_WISE_CLIPPING,
+    TOKEN_WISE_REFINE,
     Calibrated,
-    RangeMethod,
-    TokenWiseClipping,
     method_settings,
+    percentiles_of,
+    refine_token_wise,
 )
 from qtx.methods.outlier_suppression.token_wise_clipping import (
     QAT_INIT,
@@ -54,6 +56,7 @@ PAPER_TABLE = (
 
 __all__ = [
     "GAMMA_MIGRATION",
+    "GAMMA_MIGRATION_TRANSFORM",
     "MIGRATED_MINMAX",
     "MINMAX",
     "OMSE",
@@ -62,15 +65,16 @@ __all__ = [
     "PERCENTILE",
     "QAT_INIT",
     "TOKEN_WISE_CLIPPING",
+    "TOKEN_WISE_REFINE",
     "Calibrated",
-    "RangeMethod",
     "TWCSettings",
-    "TokenWiseClipping",
     "alpha_grid",
     "clip_range",
     "coarse_search",
     "fine_tune",
     "method_settings",
+    "percentiles_of",
+    "refine_token_wise",
     "migrate_gamma",
     "migrate_params_for",
     "migration_map",
