@@ -368,6 +368,7 @@ def test_every_ptq_method_runs_and_reports_its_time(twc_model):
     assert seen["gamma_migration"][0] != seen["minmax"][0]
 
 
+@pytest.mark.slow
 def test_ptq_keeps_the_coarse_stage_unless_the_fine_stage_beats_it(twc_model):
     """The returned quantizers are the fine stage's only when its output error is below the
     coarse stage's; otherwise (no fine epochs, or no gain) the coarse ranges come back."""

@@ -110,6 +110,7 @@ def test_pinned_ranges_replace_the_calibrated_ones(twc_model):  # noqa: F811
     jax.block_until_ready(pinned)
 
 
+@pytest.mark.slow
 def test_percentile_candidates_keep_their_own_rules_after_gptq(twc_model):  # noqa: F811
     """GPTQ rounds once; every percentile candidate is calibrated with its own rules, and its
     rounded kernels come back exactly through the pinned ranges."""
