@@ -4,6 +4,7 @@ lowers a layer's output error below round-to-nearest; the stage's pinned ranges 
 model's weight points reproduce the rounded kernels (bert-tiny W4A8E8, llama-tiny w4a16 with
 groups); bad options fail before compute."""
 
+import gzip
 import importlib.util
 import os
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+import qtx.data
 from qtx import quant
 from qtx.errors import UserError
 from qtx.evaluate.ptq import calibrate_setup
@@ -32,8 +34,6 @@ from qtx.methods.gptq import (
 from qtx.methods.pipeline import pin_ranges
 from qtx.models import build, dummy_inputs, model_config
 from qtx.quant.quantizer import QuantPoint
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def reference_gptq(w, h, scale, kmin, kmax, damp, act_order):
@@ -145,10 +145,9 @@ def minilm():
 
 
 def _wikitext_batch(tok, n=8, length=64):
-    path = os.path.join(DATA, "wikitext-2", "test.txt")
-    if not os.path.isfile(path):
-        pytest.skip("needs ../shared/data/wikitext-2/test.txt")
-    with open(path, encoding="utf-8") as f:
+    # the WikiText-2 test split the package embeds (qtx/data/assets), so this always runs
+    path = os.path.join(os.path.dirname(qtx.data.__file__), "assets", "wikitext2_test.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = [line.strip() for line in f if len(line.strip()) > 200][:n]
     b = tok(lines, padding="max_length", truncation=True, max_length=length, return_tensors="np")
     return {k: np.asarray(v, np.int32) for k, v in b.items()}

@@ -109,17 +109,16 @@ class Pipeline:
     def check(self, cfg: ModelConfig, options: Mapping | None = None) -> None:
         """Raises UserError, before any compute, for a model or options a stage refuses
         (each stage sees the config the transforms before it give)."""
-        original = cfg
+        staged = cfg  # the config each stage receives
         for stage in (*self.transforms, self.weights):
             if stage is None:
                 continue
             if stage.check is not None:
-                stage.check(cfg)
+                stage.check(staged)
             if stage.check_options is not None:
                 stage.check_options(options)
             if getattr(stage, "config_of", None) is not None:
-                cfg = stage.config_of(cfg)
-        cfg = original
+                staged = stage.config_of(staged)
         for r in self.reparametrisations:
             if r.applied(cfg):
                 raise UserError(

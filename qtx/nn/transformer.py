@@ -264,17 +264,6 @@ def run_layers(
     ``cfg.layer`` picks the block (:data:`LAYERS`); ``rope``: the decoder's rotary tables
     ``(cos, sin)`` (B, T, R), handed to every layer.
     """
-    if cfg.shortcut_affine and cfg.gamma_migrated:
-        raise UserError(
-            "config.model.shortcut_affine=True (SmoothQuant / OS+) cannot be combined with "
-            "gamma_migrated=True; allowed: at most one of them True."
-        )
-    if scan and cfg.shortcut_affine and not cfg.pre_ln:
-        raise UserError(
-            "config.model.scan_layers=True gives every layer the same parameters, but a "
-            "post-LN model with shortcut_affine=True has none on the last layer's shortcut; "
-            "allowed: scan_layers=False."
-        )
     if scan:
         name = f"layer_{num_layers - 1}/ffn_ln/out"
         if pooled and not cfg.pre_ln and alias_removes(plan, name, HEAD_LN_ALIAS):

@@ -190,8 +190,9 @@ def export_workdir(
         calibrated = _calibrated(exp, config, jax.device_get(model_params), quantize, method)
         cfg = calibrated[0]
         model_params = _model_params(cfg, calibrated[2]["params"])
-        if export_problems(cfg):  # caught above for every registered method
-            raise UserError(f"--method={method} gave {', '.join(export_problems(cfg))}.")
+        late = export_problems(cfg)  # caught above for every registered method
+        if late:
+            raise UserError(f"--method={method} gave {', '.join(late)}.")
     if os.path.isdir(out) and overwrite:
         _remove_export_files(out)
     export(out, cfg, {"params": model_params})
