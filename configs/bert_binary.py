@@ -1,8 +1,9 @@
 """Binary BERT on GLUE (Quantization Variation's binary mode, docs/methods.md §3).
 
-Every encoder weight ``sign(W) mean|W|`` and every matmul input ``sign(x) mean|x|`` (preset
-``binary``; attention probabilities, embeddings and the classifier stay at 8 bits), trained
-from the FP fine-tuned model with soft cross-entropy distillation from it. ``arg``: the GLUE
+Every encoder weight ``sign(W) mean|W|`` and every matmul input ``sign(x) mean|x|`` except the
+GELU output, binarised to ``{b, a + b}`` (unsigned 1-bit LSQ+; preset ``binary``; attention
+probabilities, embeddings and the classifier stay at 8 bits), trained from the FP
+fine-tuned model with soft cross-entropy distillation from it. ``arg``: the GLUE
 task (sst2, mnli, qnli, qqp, mrpc, rte, cola, stsb) or ``tiny``::
 
     python train.py --config=configs/bert_base_glue.py:sst2 \\
@@ -25,8 +26,9 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Binary BERT on GLUE (``arg``: the task, default sst2, or ``tiny``): every encoder weight
-    and matmul input ``sign(x) * mean|x|`` (preset ``binary``: the attention probabilities,
-    embeddings and classifier stay at 8 bits), QAT from the FP fine-tuned model with soft
+    and matmul input ``sign(x) * mean|x|``, the GELU output ``{b, a + b}`` (unsigned 1-bit
+    LSQ+; preset ``binary``: the attention probabilities, embeddings and classifier stay at
+    8 bits), QAT from the FP fine-tuned model with soft
     cross-entropy distillation from it and no hard labels. ``tiny``: MiniLM on SST-2 from the
     FP run of ``bert_base_glue.py:tiny`` (``runs/glue_tiny``)."""
     _, variant = common.parse_arg(arg, "bert_binary", common.GLUE_TASKS)

@@ -96,6 +96,7 @@ def test_oscillation_counter_on_a_constructed_sequence():
     frac = oscillating_fractions(tracker, threshold=0.1)
     assert float(frac["oscillating"]) == pytest.approx(np.mean(ema > 0.1))
     assert float(frac["oscillating/w"]) == float(frac["oscillating"])
+    assert float(frac["oscillation_rate"]) == pytest.approx(np.mean(ema), rel=1e-6)
 
 
 def test_weight_records_give_the_quantized_weights():

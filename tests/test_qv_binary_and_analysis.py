@@ -42,8 +42,9 @@ def test_binary_preset_points_values_and_gradients():
         assert bits(f"layer_0/attn/{p}/weight", "weight") == (1, "symmetric")
     for p in ("ffn/fc1/weight", "ffn/fc2/weight"):
         assert bits(f"layer_0/{p}", "weight") == (1, "symmetric"), p
-    for p in ("attn_ln/out", "attn/q", "attn/k", "attn/v", "attn/context", "ffn/act"):
+    for p in ("attn_ln/out", "attn/q", "attn/k", "attn/v", "attn/context", "ffn_ln/out"):
         assert bits(f"layer_0/{p}") == (1, "symmetric"), p
+    assert bits("layer_0/ffn/act") == (1, "unsigned")  # GELU output: {0, s} + offset
     assert bits("layer_0/attn/softmax") == (8, "unsigned")  # never sign(p) = +1
     assert bits("embed/word/weight", "weight") == (8, "symmetric")
     assert bits("classifier/in")[0] == bits("classifier/dense/weight", "weight")[0] == 8

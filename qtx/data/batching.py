@@ -11,6 +11,15 @@ permutation with every entry repeated r times in a row, ``perm[j // r]`` for j <
 so an epoch still has ``N // B`` steps and sees about N / r distinct images, each r times.
 Process k of p then takes the rows ``k, k + p, k + 2p, ...`` of each global batch (the
 repeated stream strided over processes), which puts the r copies on different processes.
+
+Length grouping (:func:`length_grouped`, text rows of unequal length): the rows of P = 64
+consecutive steps of an epoch (pool q, the same P * B rows :func:`train_indices` gives those
+steps) are sorted by length, cut into P batches and visited in an order seeded by
+``(seed, q)``, with q counted over all epochs; batches of similar rows can then be trimmed
+to a short width (:func:`bucket_width`). An epoch's last pool may hold fewer than P steps.
+
+Holdout (:func:`holdout_split`): the held-out rows are the last n of a permutation seeded
+by the constant ``HOLDOUT_SEED``, so every run (any ``seed``) holds out the same rows.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import numpy as np
 from qtx.errors import UserError
 
 # Stream tags keep independent uses of one seed apart.
-PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE, RANDAUG = range(1, 9)
+PERMUTATION, MLM, AUGMENT, ERASE, CALIB, EVAL, SHUFFLE, RANDAUG, GROUP, HOLDOUT = range(1, 11)
 EVAL_SEED = 20_231_028  # fixed: eval masking does not depend on config.data.seed
+HOLDOUT_SEED = 20_240_611  # fixed: the held-out rows do not depend on config.data.seed
+POOL_STEPS = 64  # steps per length-grouping pool
 
 
 def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
@@ -56,6 +67,55 @@ def train_indices(
     epoch, pos = divmod(int(step), spe)
     perm = _epoch_permutation(num_examples, seed, epoch)
     return perm[(pos * global_batch + np.arange(global_batch)) // int(repeats)]
+
+
+def holdout_split(num_examples: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held)`` sorted row indices, (N - n,) and (n,): ``held`` is the last ``count``
+    entries of the permutation seeded by ``HOLDOUT_SEED`` (needs 1 <= count < N)."""
+    perm = rng_for(HOLDOUT_SEED, HOLDOUT).permutation(num_examples)
+    cut = num_examples - int(count)
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
+
+
+def row_lengths(mask: np.ndarray) -> np.ndarray:
+    """(N,) extent of each row of an (N,T) attention mask: 1 + the index of its last nonzero
+    entry, 0 for an empty row (the real length of a right-padded row)."""
+    nz = np.asarray(mask) != 0
+    return np.where(nz.any(1), nz.shape[1] - np.argmax(nz[:, ::-1], axis=1), 0)
+
+
+def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of the increasing ``buckets`` that is >= ``length`` (<= buckets[-1])."""
+    return int(buckets[int(np.searchsorted(buckets, length))])
+
+
+def length_grouped(
+    lengths: np.ndarray, global_batch: int, seed: int, pool_steps: int = POOL_STEPS
+) -> Callable[[int], np.ndarray]:
+    """``step -> (B,)`` global row indices with each pool's rows grouped by ``lengths`` (N,).
+
+    Pool q = (epoch, i) covers steps ``[i P, min((i + 1) P, S))`` of the epoch (S steps per
+    epoch): their :func:`train_indices` rows sorted by length (stable), cut into batches of
+    B and visited in the order ``rng_for(seed, GROUP, q)``, q = epoch * ceil(S / P) + i.
+    """
+    n, B, P = len(lengths), int(global_batch), int(pool_steps)
+    spe = steps_per_epoch(n, B, "the dataset")
+    pools = -(-spe // P)
+    cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def indices(step: int) -> np.ndarray:
+        epoch, pos = divmod(int(step), spe)
+        i, j = divmod(pos, P)
+        if (epoch, i) not in cache:
+            lo, hi = i * P, min((i + 1) * P, spe)
+            rows = _epoch_permutation(n, seed, epoch)[lo * B : hi * B]
+            rows = rows[np.argsort(lengths[rows], kind="stable")].reshape(hi - lo, B)
+            order = rng_for(seed, GROUP, epoch * pools + i).permutation(hi - lo)
+            cache.clear()
+            cache[(epoch, i)] = rows[order]
+        return cache[(epoch, i)][j]
+
+    return indices
 
 
 def shard_rows(global_batch: int, process_index: int, process_count: int, strided: bool):

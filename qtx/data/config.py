@@ -23,6 +23,7 @@ LM_SOURCES = IN_MEMORY_LM + STREAMING_LM
 GLUE_TASKS = ("sst2", "mnli", "qnli", "rte", "mrpc", "qqp", "stsb", "cola")
 CLASSIFICATION_SOURCES = tuple(f"glue/{t}" for t in GLUE_TASKS) + ("sst2_local",)
 IMAGE_SOURCES = ("digits", "mnist_local", "mnist", "cifar10", "imagenette", "imagenet2012")
+HOLDOUT_SOURCES = ("digits", "mnist_local") + CLASSIFICATION_SOURCES
 ALL_SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES + IMAGE_SOURCES
 TASK_SOURCES = {
     "clm": LM_SOURCES,
@@ -67,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "repeated_aug": 1,
     "glue_max_len": None,
     "holdout": None,
+    "length_buckets": (),
 }
 
 
@@ -102,6 +104,7 @@ class DataSpec:
     repeated_aug: int
     glue_max_len: int | None
     holdout: int | None
+    length_buckets: tuple[int, ...]
     process_index: int
     process_count: int
 
@@ -164,6 +167,29 @@ def _check_name(name: Any, task: str) -> tuple[str, ...]:
     if len(parts) > 1 and (task not in ("clm", "mlm") or len(set(parts)) != len(parts)):
         _fail("name", "a single source, or distinct text sources joined by '+' for clm/mlm", name)
     return parts
+
+
+_HOLDOUT_NAMES = "digits, mnist_local, glue/<task> and sst2_local"
+
+
+def _buckets(value: Any, name: str, padded: int) -> tuple[int, ...]:
+    """``config.data.length_buckets`` as a tuple; () (off) unless a GLUE source is named."""
+    if value is None or (isinstance(value, tuple | list) and not value):
+        return ()
+    if name not in CLASSIFICATION_SOURCES:
+        _fail("length_buckets", f"() for {name!r} (only glue/<task> and sst2_local bucket)", value)
+    ok = isinstance(value, tuple | list) and all(
+        isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in value
+    )
+    ok = ok and all(a < b for a, b in zip(value[:-1], value[1:], strict=True))
+    if not ok or value[-1] != padded:
+        _fail(
+            "length_buckets",
+            f"() or strictly increasing positive integers ending at the padded row length "
+            f"{padded} (glue_max_len or seq_len)",
+            value,
+        )
+    return tuple(int(b) for b in value)
 
 
 def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count: int = 1):
@@ -240,12 +266,10 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         _fail("hflip", "True, False or None (the dataset default)", cfg["hflip"])
     randaugment.parse(cfg["randaugment"])  # raises naming config.data.randaugment
     holdout = _int(cfg, "holdout", 1, optional=True)
-    if holdout is not None and not (set(sources) & {"digits", "mnist_local"}):
-        _fail(
-            "holdout",
-            "None for a source with its own eval split (digits/mnist_local only)",
-            holdout,
-        )
+    if holdout is not None and not (set(sources) & set(HOLDOUT_SOURCES)):
+        _fail("holdout", f"None for {name!r} (an integer >= 1 only for {_HOLDOUT_NAMES})", holdout)
+    glue_max_len = _int(cfg, "glue_max_len", 8, optional=True)
+    length_buckets = _buckets(cfg["length_buckets"], name, glue_max_len or seq_len)
 
     return DataSpec(
         task=task,
@@ -274,8 +298,9 @@ def resolve_spec(data_cfg: Any, task: str, process_index: int = 0, process_count
         random_erase=_float(cfg, "random_erase", 0.0, 1.0),
         randaugment=cfg["randaugment"] or "",
         repeated_aug=_int(cfg, "repeated_aug", 1),
-        glue_max_len=_int(cfg, "glue_max_len", 8, optional=True),
+        glue_max_len=glue_max_len,
         holdout=holdout,
+        length_buckets=length_buckets,
         process_index=process_index,
         process_count=process_count,
     )

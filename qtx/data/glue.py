@@ -12,6 +12,14 @@ b [SEP]`` with token types 0/1 for WordPiece), truncated longest-first and padde
 ``glue_max_len`` (default ``seq_len``). Batch: ``input_ids``, ``attention_mask``,
 ``token_type_ids`` (B,T) int32 and ``label`` (B,) int32, float32 for the stsb regression
 (``num_classes`` 1).
+
+``holdout`` n: n train rows (``batching.holdout_split``, the same for every seed) leave
+training and calibration and become the eval rows, in place of the dev/validation split.
+
+``length_buckets`` (b_1 < ... < b_K = T): training batches are grouped by real length
+(``batching.length_grouped``) and each global batch is trimmed to width W = the smallest
+b_k >= its longest real row, before it is sliced to this process's rows, so every process
+gets the same (B/p, W). Eval and calibration batches keep width T.
 """
 
 from __future__ import annotations
@@ -95,13 +103,33 @@ def encoded_split(name: str, split: str, tok_spec: str, max_len: int, local_dir,
     }
 
 
-def _rows(data: dict, idx: np.ndarray) -> Batch:
+def _rows(data: dict, idx: np.ndarray, width: int | None = None) -> Batch:
+    """Rows ``idx`` of ``data``, the (N,T) arrays cut to their first ``width`` columns."""
+    cols = slice(None, width)
     return {
-        "input_ids": data["input_ids"][idx],
-        "attention_mask": data["attention_mask"][idx].astype(np.int32),
-        "token_type_ids": data["token_type_ids"][idx].astype(np.int32),
+        "input_ids": data["input_ids"][idx, cols],
+        "attention_mask": data["attention_mask"][idx, cols].astype(np.int32),
+        "token_type_ids": data["token_type_ids"][idx, cols].astype(np.int32),
         "label": data["label"][idx],
     }
+
+
+def _subset(data: dict, idx: np.ndarray) -> dict:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def _holdout(spec: DataSpec, train: dict) -> tuple[dict, dict | None]:
+    """``(train rows, eval rows or None)`` after taking ``config.data.holdout`` rows out."""
+    if spec.holdout is None:
+        return train, None
+    n = len(train["label"])
+    if spec.holdout >= n:
+        raise UserError(
+            f"config.data.holdout={spec.holdout} leaves no training rows of the {n} in the "
+            f"train split of {spec.name}; allowed: 1 to {n - 1}."
+        )
+    kept, held = batching.holdout_split(n, spec.holdout)
+    return _subset(train, kept), _subset(train, held)
 
 
 def build_glue_pipeline(spec: DataSpec) -> Pipeline:
@@ -118,18 +146,26 @@ def build_glue_pipeline(spec: DataSpec) -> Pipeline:
     def load(split: str) -> dict:
         return encoded_split(spec.name, split, spec.tokenizer, max_len, local_dir, spec.data_dir)
 
-    train = load("train")
+    train, held = _holdout(spec, load("train"))
     n_train = len(train["label"])
     B, rows = spec.batch_size, local_rows(spec.batch_size, spec)
     steps = batching.steps_per_epoch(n_train, B, f"config.data.name={spec.name!r}")
     fill = {"input_ids": tokenizer.pad_token_id}
+    buckets = spec.length_buckets
+    if buckets:
+        lengths = batching.row_lengths(train["attention_mask"])
+        order = batching.length_grouped(lengths, B, spec.seed)
+    else:
+        order = functools.partial(batching.train_indices, n_train, B, spec.seed)
 
     def train_iter(start_step: int) -> Iterator[Batch]:
         for step in itertools.count(start_step):
-            yield _rows(train, batching.train_indices(n_train, B, spec.seed, step)[rows])
+            idx = order(step)
+            width = batching.bucket_width(lengths[idx].max(), buckets) if buckets else None
+            yield _rows(train, idx[rows], width)
 
     def evaluate(limit: int | None) -> Iterator[Batch]:
-        data = load("eval")
+        data = load("eval") if held is None else held
         Be = spec.eval_batch_size
         for lo, hi in batching.eval_slices(len(data["label"]), Be, limit):
             batch = batching.padded_eval_batch(

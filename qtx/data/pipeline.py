@@ -77,7 +77,14 @@ repeated_aug      1                     copies of each image per epoch, each aug
                                         of each image in the same batch.
 glue_max_len      None                  GLUE row length (None: seq_len).
 holdout           None                  digits / mnist_local: the number of last images
-                                        held out for evaluation (None: 297 / 1000).
+                                        held out for evaluation (None: 297 / 1000). GLUE:
+                                        n train rows (a fixed choice, the same for every
+                                        seed) leave training/calibration and are the eval
+                                        rows instead of the dev split (None: dev split).
+length_buckets    ()                    GLUE only: increasing row widths ending at
+                                        glue_max_len (or seq_len); training batches are
+                                        grouped by length over pools of 64 steps and cut to
+                                        the smallest width >= their longest row (): off.
 ================= ===================== ==================================================
 
 Source details live in ``text_sources`` (LM corpora), ``glue`` and ``vision``.

@@ -96,7 +96,7 @@ def build_sidecar(
         if spec is None or mode == "off":
             continue
         path = tuple(name.split("/"))
-        qmin, qmax = quant.grid_bounds(spec.bits, spec.scheme) if spec.bits > 1 else (-1, 1)
+        qmin, qmax = (-1, 1) if spec.binary else quant.grid_bounds(spec.bits, spec.scheme)
         p = {
             "kind": kind,
             "bits": spec.bits,
@@ -125,7 +125,7 @@ def build_sidecar(
                 )
             ndim = len(shape)
             axis = _point_axis(name, kind, spec, ndim, -1)
-            p.update(dynamic=bool(spec.dynamic or spec.bits == 1 or spec.granularity == "token"))
+            p.update(dynamic=bool(spec.dynamic or spec.binary or spec.granularity == "token"))
             p.update(axis=axis)
         entries[name] = p
         if p["dynamic"]:
@@ -134,7 +134,7 @@ def build_sidecar(
             scale = jnp.maximum(flat_params[path + ("step",)], spec.min_scale)
             offset = flat_params.get(path + ("offset",), jnp.zeros_like(scale))
             zero = jnp.zeros_like(scale)
-        elif spec.bits == 1:  # weights only (binary activations are dynamic)
+        elif spec.binary:  # weights only (binary activations are dynamic)
             wv = to_view(jnp.asarray(w), view)
             scale, zero, offset = reduce(jnp.mean, jnp.abs(wv), view), 0.0, 0.0
         else:

@@ -333,7 +333,7 @@ def fake_quant(x, spec: quant.QuantSpec | None, kind: str):
     if kind == "act":
         x = x[None]  # (B=1, T=n, D): the point's layout (token specs name their axis in it)
     view = make_view(x.shape, spec, -1, None, kind)
-    if spec.bits == 1:  # sign(x) mean|x| (per token for per-tensor activations)
+    if spec.binary:  # sign(x) mean|x| (per token for per-tensor activations)
         if kind == "act" and spec.granularity == "tensor":
             token = dataclasses.replace(spec, granularity="token", axis=None)
             view = make_view(x.shape, token, -1)

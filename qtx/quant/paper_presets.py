@@ -30,7 +30,8 @@ Presets:
   (unsigned), context, FFN input, GELU output (unsigned with a learnable offset, LSQ+);
   Swin's patch merging (its LayerNorm output and reduction weight) like a linear layer.
 * ``binary`` (Quantization Variation's binary mode): the ``qv_lsq`` points with 1-bit weights
-  ``sign(W) mean|W|`` and matmul inputs ``sign(x) mean|x|``; attention probabilities,
+  ``sign(W) mean|W|`` and matmul inputs ``sign(x) mean|x|``, except the GELU output (almost
+  all ``>= 0``): ``{0, s}`` + offset (unsigned 1-bit LSQ+); attention probabilities,
   embeddings and the classifier stay at 8 bits (LSQ).
 """
 
@@ -287,10 +288,16 @@ def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
     points of ``qv_lsq``, weights ``sign(W) * mean|W|`` (STE through ``clip(W, -1, 1)``) and
     matmul inputs ``sign(x) * mean|x|`` when ``w`` / ``a`` are 1 (else LSQ at that width).
 
-    The attention probabilities stay multi-bit (unsigned LSQ at ``softmax_bits``): their sign
-    is always +1. Embeddings, the patch embedding, the classifier and its input are LSQ at
-    ``e`` bits (default 8). ``weight_granularity``: ``tensor`` (one ``mean|W|``) or
-    ``channel`` (one per output channel, as BiT / BinaryBERT).
+    The GELU output ``ffn/act`` is almost all ``>= 0`` (GELU's minimum is -0.17), so ``sign``
+    would send every positive value to the same code. At ``a = 1`` it is binarised to
+    ``{b, s + b}``: ``s * clip(round((x - b) / s), 0, 1) + b``, the unsigned 1-bit grid with
+    learnable step ``s`` and offset ``b`` (LSQ+, ``lsq_init`` ``s = 2 mean|x|``, ``act_qv``
+    gradient scale; ``qv_lsq``'s GELU quantizer at 1 bit, BiT's elastic binarisation).
+
+    The attention probabilities stay multi-bit (unsigned LSQ at ``softmax_bits``; ``{0, s}``
+    at 1 bit): their sign is always +1. Embeddings, the patch embedding, the classifier and
+    its input are LSQ at ``e`` bits (default 8). ``weight_granularity``: ``tensor`` (one
+    ``mean|W|``) or ``channel`` (one per output channel, as BiT / BinaryBERT).
     """
     if weight_granularity not in ("tensor", "channel"):
         raise UserError(
@@ -307,13 +314,13 @@ def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
         return dict(bits=bits, min_scale=1e-4, **lsq_w)
 
     def acts(bits, scheme="symmetric"):
-        return (
-            dict(bits=1, scheme="symmetric")
-            if bits == 1
-            else dict(bits=bits, scheme=scheme, min_scale=1e-4, **lsq_a)
-        )
+        if bits == 1 and scheme == "symmetric":
+            return dict(bits=1, scheme="symmetric")  # sign(x) mean|x|
+        return dict(bits=bits, scheme=scheme, min_scale=1e-4, **lsq_a)  # unsigned 1 bit: {0, s}
 
-    matmul_inputs = r"(^|/)(attn_ln/out|attn/(q|k|v|context)|ffn_ln/out|ffn/act|merge/ln/out)$"
+    # the GELU output is almost all >= 0: at 1 bit {0, s} + offset (unsigned LSQ+), not sign
+    gelu = {**acts(1, "unsigned"), "learn": "lsq+"} if a == 1 else acts(a)
+    matmul_inputs = r"(^|/)(attn_ln/out|attn/(q|k|v|context)|ffn_ln/out|merge/ln/out)$"
     return (
         *_QV_FULL_PRECISION,
         rule(
@@ -337,6 +344,7 @@ def binary(w=1, a=1, e=None, softmax_bits=8, weight_granularity="tensor"):
             "attention probabilities",
             **acts(softmax_bits, "unsigned"),
         ),
+        rule(r"(^|/)ffn/act$", "act", "GELU output", **gelu),
         rule(matmul_inputs, "act", "matmul inputs", **acts(a)),
         rule(r"(^|/)classifier/in$", "act", "classifier input", optional=True, **acts(e)),
         rule(r".", label="everything else stays FP", off=True),

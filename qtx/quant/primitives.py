@@ -10,7 +10,10 @@ offset ``beta`` is::
 A frozen asymmetric quantizer with integer zero point ``z`` is the case ``beta = 0`` on the
 shifted grid ``qmin - z .. qmax - z`` (``(clip(round(x/s) + z, qmin, qmax) - z) * s``; adding
 ``z`` after rounding keeps 16-bit grids exact in float32); symmetric and unsigned quantizers
-have ``beta = 0`` and no shift. The bounds may be traced arrays broadcastable to ``x``.
+have ``beta = 0`` and no shift. The bounds may be traced arrays broadcastable to ``x``. The
+unsigned 1-bit grid ``{0, 1}`` (``x_hat = s * clip(round((x - beta)/s), 0, 1) + beta``, BiT's
+elastic binarisation of non-negative inputs) is this grid too; ``sign(x) * alpha`` is
+:func:`binary_quant`.
 
 Gradients (``inside`` means ``qmin <= v <= qmax``, i.e. clamp-then-round as in LSQ):
 
@@ -49,7 +52,9 @@ round_ste.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
 
 
 def grid_bounds(bits: int, scheme: str) -> tuple[int, int]:
-    """Integer grid of a scheme: symmetric ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``."""
+    """Integer grid of a scheme: symmetric ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``
+    (``{0, 1}`` for an unsigned 1-bit grid; a symmetric 1-bit point is the sign binarisation
+    :func:`binary_quant`, not a grid)."""
     if scheme == "symmetric":
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1

@@ -221,7 +221,7 @@ class QuantPoint(nn.Module):
         if mask is not None and self.kind == "act":
             mv = to_view(broadcast_mask(mask, x.shape), view)
         sequential = self.plan.calibration == "sequential"
-        if spec.bits == 1:
+        if spec.binary:  # sign(x) mean|x|; the unsigned 1-bit grid {0, 1} is uniform below
             if mode == "calibrate":
                 self._count_nonfinite(xv)
                 if not sequential or self.is_initializing():
@@ -354,17 +354,17 @@ def _token_view(shape: tuple[int, ...], head_axis: int | None):
 
 
 def _code_min(spec: QuantSpec) -> int:
-    """The smallest int8 code of a spec's grid (binary: -1)."""
-    if spec.bits == 1:
+    """The smallest int8 code of a spec's grid (sign binarisation: -1)."""
+    if spec.binary:
         return -1
     qmin, qmax = grid_bounds(spec.bits, spec.scheme)
     return qmin - code_shift(qmax)
 
 
 def _grid_bits(spec: QuantSpec) -> int:
-    """Bound on ``|codes - zero|`` as bits: binary codes are +-1, asymmetric zero points lie
-    on the grid."""
-    return 1 if spec.bits == 1 else spec.bits
+    """Bound on ``|codes - zero|`` as bits: sign-binary codes are +-1, asymmetric zero points
+    lie on the grid."""
+    return 1 if spec.binary else spec.bits
 
 
 def list_points(apply_fn, variables, *args, **kwargs) -> dict[str, tuple[str, tuple]]:

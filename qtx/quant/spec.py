@@ -54,12 +54,14 @@ class QuantSpec:
     """How one point is quantized.
 
     Attributes:
-      bits: 1 (binary ``sign(x) * mean|x|``; a per-tensor activation takes ``mean|x|`` per
-        token, over its features, as the paper's ``sign(x) mean|x|`` per example) or 2..16
-        (uniform grid).
+      bits: 1 or 2..16 (uniform grid). At 1 bit, ``symmetric`` is the sign binarisation
+        ``sign(x) * mean|x|`` (:attr:`binary`; a per-tensor activation takes ``mean|x|`` per
+        token, over its features, as the paper's ``sign(x) mean|x|`` per example) and
+        ``unsigned`` the uniform grid ``{0, 1}``: ``s * clip(round((x - b) / s), 0, 1) + b``
+        (``b = 0`` unless LSQ+), for non-negative inputs such as GELU outputs.
       scheme: ``symmetric`` (signed grid ``[-2^(b-1), 2^(b-1)-1]``), ``asymmetric`` (grid
-        ``[0, 2^b-1]`` with integer zero point, range forced to contain 0) or ``unsigned``
-        (grid ``[0, 2^b-1]``, zero point 0; for post-softmax / post-GELU outputs).
+        ``[0, 2^b-1]`` with integer zero point, range forced to contain 0; 2..16 bits) or
+        ``unsigned`` (grid ``[0, 2^b-1]``, zero point 0; for post-softmax / post-GELU outputs).
       granularity: ``tensor``; ``channel`` (along ``axis``, default the point's channel axis);
         ``token`` (one range per row, reduced over the axes from ``axis`` on, default the
         last one; dynamic only); ``head`` (the
@@ -148,21 +150,27 @@ class QuantSpec:
         if self.learn != "none":
             if self.estimator in DYNAMIC_ESTIMATORS:
                 _fail("estimator", self.estimator, "a calibrating estimator when learn!='none'")
-            if self.bits == 1:
-                _fail("learn", self.learn, "'none' when bits=1")
+            if self.binary:
+                _fail("learn", self.learn, "'none' when bits=1 and scheme='symmetric' (sign)")
             if self.granularity == "token":
                 _fail("granularity", self.granularity, "not 'token' when learn!='none'")
             if self.learn == "lsq" and self.scheme == "asymmetric":
                 _fail("scheme", self.scheme, "symmetric or unsigned with learn='lsq' (use 'lsq+')")
         if self.estimator == "iterative" and self.scheme == "asymmetric":
             _fail("scheme", self.scheme, "symmetric or unsigned with estimator='iterative'")
-        if self.bits == 1 and self.scheme != "symmetric":
-            _fail("scheme", self.scheme, "symmetric when bits=1")
+        if self.bits == 1 and self.scheme == "asymmetric":
+            _fail("scheme", self.scheme, "symmetric (sign) or unsigned ({0, s}) when bits=1")
+
+    @property
+    def binary(self) -> bool:
+        """True for the sign binarisation ``sign(x) * mean|x|`` (1 bit, symmetric); the
+        unsigned 1-bit grid ``{0, 1}`` is a uniform grid like any other."""
+        return self.bits == 1 and self.scheme == "symmetric"
 
     @property
     def dynamic(self) -> bool:
         """True when the range is recomputed from every tensor (no calibration state)."""
-        return self.bits == 1 or self.estimator in DYNAMIC_ESTIMATORS
+        return self.binary or self.estimator in DYNAMIC_ESTIMATORS
 
     @property
     def accumulator(self) -> str:

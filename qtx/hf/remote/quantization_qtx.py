@@ -20,8 +20,8 @@ used here; leading singleton axes dropped). A point quantizes ``x`` to::
     q = clip(round((x - offset) / scale) + zero_point, qmin, qmax)
     y = (q - zero_point) * scale + offset
 
-(``zero_point`` is an integer, ``offset`` is 0 except for LSQ+ points; 1-bit points are
-``y = sign(x) * scale`` with ``sign(0) = 1``). Dynamic points (``current_minmax``) take
+(``zero_point`` is an integer, ``offset`` is 0 except for LSQ+ points; symmetric 1-bit points
+are ``y = sign(x) * scale`` with ``sign(0) = 1``). Dynamic points (``current_minmax``) take
 ``lo = min x``, ``hi = max x`` over the granularity's axes at every call and map them with
 the scheme's rule (see ``qparams``). Weights are replaced by their quantized values (a tied
 embedding is untied, the LM head keeps the full-precision table as in qtx); activations are
@@ -145,9 +145,14 @@ def qparams(lo, hi, p: dict):
     return s, torch.clamp(torch.round(-lo / s), qmin, qmax)
 
 
+def _sign(p: dict) -> bool:
+    """A sign-binary point ``sign(x) * scale`` (1 bit, symmetric; unsigned 1 bit is ``{0, 1}``)."""
+    return p["bits"] == 1 and p["scheme"] == "symmetric"
+
+
 def _reduce_axes(x: torch.Tensor, p: dict) -> tuple[int, ...]:
     g, nd = p["granularity"], x.dim()
-    if g == "tensor" and p["bits"] == 1 and p["kind"] == "act":  # mean|x| per token
+    if g == "tensor" and _sign(p) and p["kind"] == "act":  # mean|x| per token
         return tuple(range(2, nd)) if nd >= 3 else tuple(range(1, nd))
     if g == "tensor":
         return tuple(range(nd))
@@ -172,7 +177,7 @@ class FakeQuant:
         p, xf = self.p, x.float()
         if p["dynamic"]:
             axes = _reduce_axes(xf, p)
-            if p["bits"] == 1:
+            if _sign(p):
                 scale, zero, offset = xf.abs().mean(dim=axes, keepdim=True), 0.0, 0.0
             else:
                 lo, hi = xf.amin(dim=axes, keepdim=True), xf.amax(dim=axes, keepdim=True)
@@ -180,7 +185,7 @@ class FakeQuant:
         else:
             dev = xf.device
             scale, zero, offset = (t.to(dev) for t in (self.scale, self.zero_point, self.offset))
-        if p["bits"] == 1:
+        if _sign(p):
             y = torch.where(xf >= 0, 1.0, -1.0) * scale
         else:
             v = torch.round((xf - offset) / scale)

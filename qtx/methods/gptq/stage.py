@@ -80,7 +80,7 @@ def rounded_spec(plan: quant.QuantPlan, dense_path: str) -> quant.QuantSpec | No
     """The spec GPTQ rounds the kernel of ``dense_path`` to, or None: the weight point is
     off, binary or learnable."""
     spec, mode = plan.resolve(f"{dense_path}/weight", "weight")
-    if spec is None or mode == "off" or spec.bits == 1 or spec.learn != "none":
+    if spec is None or mode == "off" or spec.binary or spec.learn != "none":
         return None
     return spec
 
@@ -92,7 +92,7 @@ def frozen_weight_plan(plan: quant.QuantPlan) -> quant.QuantPlan:
     rules = []
     for r in plan.rules:
         s = r.spec
-        if s is None or s.estimator != "current_minmax" or s.bits == 1 or r.kind == "act":
+        if s is None or s.estimator != "current_minmax" or s.binary or r.kind == "act":
             rules.append(r)
             continue
         frozen = dataclasses.replace(r, spec=s.replace(estimator="minmax"), kind="weight")

@@ -75,12 +75,19 @@ def update_tracker(tracker: dict, codes: dict, momentum: float = MOMENTUM):
 
 def oscillating_fractions(tracker: dict, threshold: float = THRESHOLD) -> dict:
     """``{"oscillating": total fraction, "oscillating/<module>": fraction}`` of weights whose
-    EMA exceeds ``threshold`` (``<module>`` is the point name without its ``/weight``)."""
-    out, hits, size = {}, 0.0, 0
+    EMA exceeds ``threshold`` (``<module>`` is the point name without its ``/weight``), and
+    ``"oscillation_rate"``: the mean EMA over every weight, the tracker's estimate of
+    oscillation events per weight and step. A run much shorter than ``1 / momentum`` steps
+    leaves few weights above the threshold; the rate still compares such runs (divided by
+    ``1 - (1 - m)^(t - 1)`` after ``t`` steps it is unbiased, as Adam's moments)."""
+    out, hits, total, size = {}, 0.0, 0.0, 0
     for name, st in tracker["points"].items():
         over = jnp.sum(st["ema"] > threshold).astype(jnp.float32)
         module = name[: -len("/weight")] if name.endswith("/weight") else name
         out[f"oscillating/{module}"] = over / max(st["ema"].size, 1)
         hits, size = hits + over, size + st["ema"].size
-    out["oscillating"] = hits / max(size, 1) if size else jnp.zeros((), jnp.float32)
+        total = total + jnp.sum(st["ema"])
+    zero = jnp.zeros((), jnp.float32)
+    out["oscillating"] = hits / max(size, 1) if size else zero
+    out["oscillation_rate"] = total / max(size, 1) if size else zero
     return out
