@@ -10,12 +10,15 @@ and ../shared/data, or ``--local_dir``)::
 0. The full-precision model is ``bench/os_sst2.py``'s (``configs/bert_glue_os.py:minilm``,
    the pretrained all-MiniLM-L6-v2 fine-tuned on SST-2 for 1000 steps to 87.84 % dev
    accuracy), reused from ``--fp_workdir`` or fine-tuned there first (about 30 min).
-1. ``--search`` runs each method family's first cell (``lsq+`` at 4-4-4, ``lsq`` at W3A3,
-   binary) at each of ``--lrs`` for ``--steps`` steps, training on SST-2 train without
-   ``HOLDOUT`` of its rows and scoring on those rows (never on dev), and writes the best rate
-   of each family to ``bench/results/qat_sst2_lr.json``.
-2. The cells, each ``--steps`` x batch 32 from the FP model, that family's learning rate
-   (AdamW, cosine to 0, no warmup, clip 1.0), training batches grouped by length
+1. ``--search`` runs each method family's first cell (Outlier Suppression: ``lsq+`` at
+   4-4-4; Quantization Variation: ``lsq`` at W3A3) at each of ``--lrs`` for ``--steps``
+   steps, training on SST-2 train without ``HOLDOUT`` of its rows and scoring on those rows
+   (never on dev); while the best rate is the largest or smallest tried, one more rate beyond
+   it is tried (at most ``EXTEND``). Writes the best rate of each family to
+   ``bench/results/qat_sst2_lr.json``; a finished search run of the same config is reused.
+2. The cells, each ``--steps`` x batch 32 from the FP model at their family's learning rate
+   (binary, Quantization Variation's binary mode, takes that family's; AdamW, cosine to 0,
+   no warmup, clip 1.0), training batches grouped by length
    (``config.data.length_buckets``), the full dev set (872 sentences) at the end:
 
    * ``os:4-4-4``: Outlier Suppression (``configs/bert_glue_os_qat.py``), W-E-A 4-4-4 in the
@@ -71,8 +74,10 @@ CELLS = {
     "qv:W2A2": ("lsq", "qv_lsq", "qv_lsq+kd", "qv_lsq+kd+obr"),
     "binary": ("binary",),
 }
-FAMILIES = {"os": ("os:4-4-4", "lsq+"), "qv": ("qv:W3A3", "lsq"), "binary": ("binary", "binary")}
-DEFAULT_LR = {"os": 1e-4, "qv": 1e-4, "binary": 1e-4}  # until a --search has run
+# the method families and the cell each one's learning rate is searched on; binary is
+# Quantization Variation's binary mode and trains with that family's rate
+FAMILIES = {"os": ("os:4-4-4", "lsq+"), "qv": ("qv:W3A3", "lsq")}
+DEFAULT_LR = {"os": 1e-4, "qv": 1e-4}  # until a --search has run
 MOMENTUM = 0.001  # the oscillation tracker's (config.train.oscillation_momentum, the paper's)
 HOLDOUT = 2000  # SST-2 train rows the learning-rate search scores on
 EXTEND = 2  # at most this many rates beyond the grid when the best one is on its edge
@@ -89,7 +94,13 @@ PAPER = {
 
 
 def family(cell: str) -> str:
+    """The cell's method family: ``os``, ``qv`` or ``binary``."""
     return cell.partition(":")[0]
+
+
+def lr_family(cell: str) -> str:
+    """The family whose searched learning rate the cell trains with (binary: ``qv``)."""
+    return "qv" if family(cell) == "binary" else family(cell)
 
 
 def fp_config(args):
@@ -270,7 +281,7 @@ def main():
     from qtx.run.experiment import load
 
     for cell, method in plan:  # every setting is checked before any compute
-        load(qat_config(args, cell, method, lr[family(cell)]))
+        load(qat_config(args, cell, method, lr[lr_family(cell)]))
     run = Run("qat_sst2")
     peak = matmul_peak(1024, jnp.float32, 3)
     fp, t_fp = fp_accuracy(args)
@@ -278,7 +289,7 @@ def main():
         return search(args, run, peak)
     results: dict = {}
     for cell, method in plan:
-        r = run_cell(args, cell, method, lr[family(cell)])
+        r = run_cell(args, cell, method, lr[lr_family(cell)])
         results.setdefault(cell, {})[method] = r
     for cell in results:
         if cell == "binary":
@@ -290,7 +301,7 @@ def main():
         cells=results,
         steps=args.steps,
         batch_size=32,
-        lr={family(c): lr[family(c)] for c in results},
+        lr={lr_family(c): lr[lr_family(c)] for c in results},
         lr_search={k: found[k] for k in ("families", "steps", "holdout_rows") if k in found},
         length_buckets=BUCKETS,
         fp_seconds=t_fp,
@@ -398,6 +409,18 @@ def readme_block(r: dict) -> str:
         out.append("")
     out.append(expectations(r))
     out.append("")
+    search = r.get("lr_search", {}).get("families", {})
+    if search:
+        each = "; ".join(
+            f"{f} (`{s['method']}` at {s['cell']}): "
+            + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in s["runs"].items())
+            for f, s in search.items()
+        )
+        out.append(
+            f"Learning-rate search, accuracy (%) on {r['lr_search']['holdout_rows']} held-out "
+            f"SST-2 train rows after {r['lr_search']['steps']} steps: {each}."
+        )
+        out.append("")
     out.append(
         "Minutes per cell (initialisation, compilation and the dev evaluation included): "
         + timing(cells)

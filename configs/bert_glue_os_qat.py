@@ -13,7 +13,8 @@ full-precision model. Start from the FP fine-tuned model of ``configs/bert_glue_
 The LSQ+ baseline: ``--config.model.gamma_migrated=False --config.train.qat_init=calibrate``.
 
 Expected (paper, BERT-base GLUE average at 4-4-4): LSQ+ 71.49, the method 81.13, with
-distillation 83.56 (FP 83.83).
+distillation 83.56 (FP 83.83). ``bench/qat_sst2.py`` measures the three on the real MiniLM
+(SST-2), in the README's "Low-bit QAT of a real pretrained BERT".
 
 Offline on a 2-core CPU, MiniLM on SST-2 (``init_from`` defaults to the pretrained MiniLM;
 give the fine-tuned ``runs/os_minilm`` of ``configs/bert_glue_os.py:minilm`` to start as the

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_runs import ONE_LAYER_BERT
 
 from qtx import quant
 from qtx.errors import UserError
@@ -27,15 +28,7 @@ GELU_1BIT = dict(
     min_scale=1e-4,
 )
 KEY = jax.random.key(0)
-BERT = dict(
-    head="classification",
-    num_layers=1,
-    hidden_size=32,
-    num_heads=2,
-    intermediate_size=64,
-    vocab_size=99,
-    max_positions=16,
-)
+BERT = ONE_LAYER_BERT
 
 
 class Point(nn.Module):

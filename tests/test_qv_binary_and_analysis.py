@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from tiny_runs import ONE_LAYER_BERT
 
 from qtx import quant
 from qtx.evaluate.ptq import calibrate_setup
@@ -13,15 +14,7 @@ from qtx.methods.quant_variation import analysis
 from qtx.models import build, dummy_inputs, model_config
 from qtx.train.losses import model_inputs
 
-BERT = dict(
-    head="classification",
-    num_layers=1,
-    hidden_size=32,
-    num_heads=2,
-    intermediate_size=64,
-    vocab_size=99,
-    max_positions=16,
-)
+BERT = ONE_LAYER_BERT
 
 
 def _text_batch(seed=0):

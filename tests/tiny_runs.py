@@ -23,6 +23,17 @@ ONE_LAYER_OPT = (
     "--config.train.eval_every=0",
 )
 
+# a one-layer classification BERT (``model_config("bert-tiny", **ONE_LAYER_BERT)``)
+ONE_LAYER_BERT = dict(
+    head="classification",
+    num_layers=1,
+    hidden_size=32,
+    num_heads=2,
+    intermediate_size=64,
+    vocab_size=99,
+    max_positions=16,
+)
+
 
 def glue_ready() -> bool:
     """Whether the offline GLUE runs can run: the MiniLM package and ../shared's SST-2."""
