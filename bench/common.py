@@ -373,6 +373,12 @@ def rewrite_readme(marker: str, body: str) -> None:
     print(f"rewrote the {marker} block of README.md")
 
 
+def binomial_se(acc: float, n: int) -> float:
+    """Binomial standard error of an accuracy (a fraction) measured on ``n`` examples, in
+    points: ``100 sqrt(acc (1 - acc) / n)``."""
+    return 100 * math.sqrt(acc * (1 - acc) / n)
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

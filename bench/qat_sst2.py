@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 from common import (  # noqa: E402
     Run,
     base_parser,
+    binomial_se,
     machine_summary,
     matmul_peak,
     rewrite_readme,
@@ -152,11 +153,6 @@ def qat_config(args, cell: str, method: str, lr: float, holdout: bool = False):
     return c
 
 
-def stderr(acc: float, n: int) -> float:
-    """Binomial standard error of an accuracy (fraction) on ``n`` examples, in points."""
-    return 100 * math.sqrt(acc * (1 - acc) / n)
-
-
 def run_cell(args, cell, method, lr, holdout=False) -> dict:
     from qtx.run.train import train
 
@@ -175,7 +171,7 @@ def run_cell(args, cell, method, lr, holdout=False) -> dict:
     out = train(c, workdir)
     acc = out["eval"]["accuracy"]
     n = HOLDOUT if holdout else 872
-    r = {"accuracy": 100 * acc, "se": stderr(acc, n), "seconds": time.perf_counter() - t0}
+    r = {"accuracy": 100 * acc, "se": binomial_se(acc, n), "seconds": time.perf_counter() - t0}
     if "oscillating" in out["train"]:  # the paper's fraction, and events per 1000 steps
         r["oscillating_fraction"] = float(out["train"]["oscillating"])
         debias = 1 - (1 - MOMENTUM) ** (args.steps - 1)
@@ -297,7 +293,7 @@ def main():
     print_tables(fp, results)
     payload = dict(
         fp=fp,
-        fp_se=stderr(fp / 100, 872),
+        fp_se=binomial_se(fp / 100, 872),
         cells=results,
         steps=args.steps,
         batch_size=32,

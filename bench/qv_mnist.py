@@ -30,7 +30,6 @@ Command (from the repository root, offline; needs ../shared/data/mnist or ``--lo
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -40,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax.numpy as jnp  # noqa: E402
-from common import Run, base_parser, matmul_peak, table  # noqa: E402
+from common import Run, base_parser, binomial_se, matmul_peak, table  # noqa: E402
 
 from configs import common as configs  # noqa: E402
 
@@ -116,9 +115,6 @@ def main():
     fp_acc = fp_acc["accuracy"]
     t_fp = time.perf_counter() - t0
 
-    def stderr(acc: float) -> float:
-        return 100 * math.sqrt(acc * (1 - acc) / HOLDOUT)
-
     cells: dict = {}
     for b in bits:
         for m in methods:
@@ -129,7 +125,7 @@ def main():
             acc = out["eval"]["accuracy"]
             cells.setdefault(b, {})[m] = {
                 "accuracy": 100 * acc,
-                "stderr": stderr(acc),
+                "stderr": binomial_se(acc, HOLDOUT),
                 "oscillating_fraction": out["train"]["oscillating"],
                 "seconds": time.perf_counter() - t0,
             }
@@ -149,7 +145,7 @@ def main():
     run.finish(
         args.out,
         fp=100 * fp_acc,
-        fp_stderr=stderr(fp_acc),
+        fp_stderr=binomial_se(fp_acc, HOLDOUT),
         test_images=HOLDOUT,
         cells=cells,
         fp_steps=args.fp_steps,
