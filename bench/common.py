@@ -280,6 +280,17 @@ def matmul_peak(n: int, dtype, repeats: int) -> dict:
     return {"n": n, "dtype": jnp.dtype(dtype).name, **r, "flops": 2 * n**3 / r["median_ms"] * 1e3}
 
 
+def int8_matmul_peak(n: int, repeats: int) -> dict:
+    """Median time of a jitted int8 x int8 -> int32 ``a @ a`` (n x n) -> OP/s = 2 n^3 / t
+    (the key ``flops``, as :func:`matmul_peak`)."""
+    import jax.numpy as jnp
+
+    a = jax.random.randint(jax.random.key(0), (n, n), -127, 128, jnp.int32).astype(jnp.int8)
+    dot = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.int32))
+    r = measure({"mm": blocking(dot, a, a)}, repeats, min_sample_s=0.2)["mm"]
+    return {"n": n, "dtype": "int8", **r, "flops": 2 * n**3 / r["median_ms"] * 1e3}
+
+
 def machine_info() -> dict:
     """Device, versions, CPU and its instruction sets of this run (stored in every JSON)."""
     dev = jax.devices()[0]

@@ -20,7 +20,10 @@ Reported: the median per case and, as ``ratio``, the median over rounds of quant
    ``--bwd sum`` takes ``value_and_grad(sum(f(x)))`` instead: there the cotangent is a
    constant, and XLA CPU runs a reduction fused with elementwise outputs slowly, for FP and
    quant alike, which hides the quantizer. Inputs are donated and the outputs fed back
-   (``--no-donate`` turns this off), so no call maps fresh output pages. Cases:
+   (``--no-donate`` turns this off), so no call maps fresh output pages. A backward pass that
+   reads ``x`` again (LSQ's recomputes ``x * (1/s)`` from it) then also pays for XLA's copies
+   of the donated ``x`` and ``ct`` (their outputs ``y`` and ``dx`` overwrite them), which a
+   quantizer inside a network does not: compare with ``--no-donate``. Cases:
 
    * ``int8 tensor``: frozen per-tensor asymmetric INT8 (``fake_quant_range`` with a
      calibrated range passed in as an argument);

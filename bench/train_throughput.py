@@ -131,13 +131,16 @@ from common import (  # noqa: E402
     available_cores,
     base_parser,
     get_config,
+    int8_matmul_peak,
     matmul_peak,
     measure,
     paired_ratio,
+    rewrite_readme,
     table,
     write_json,
 )
 from flax.traverse_util import flatten_dict  # noqa: E402
+from throughput_readme import readme_block  # noqa: E402
 
 import qtx.quant as q  # noqa: E402
 from qtx.evaluate.ptq import calibrate_setup  # noqa: E402
@@ -361,12 +364,14 @@ def bench_config(spec: str, args, gpu: bool) -> dict:
 
 
 def peaks(gpu: bool, n: int, repeats: int, when: str) -> dict:
-    """jax matmul peaks (float32; bfloat16 on GPUs), printed."""
+    """jax matmul peaks (float32 and int8 -> int32; bfloat16 on GPUs), printed."""
     out = {"float32": matmul_peak(n, jnp.float32, repeats)}
     if gpu:
         out["bfloat16"] = matmul_peak(n, jnp.bfloat16, repeats)
+    out["int8"] = int8_matmul_peak(n, repeats)
     for k, v in out.items():
-        print(f"matmul peak {k} n={n} ({when}): {v['flops'] / 1e9:,.1f} GFLOP/s (jax)", flush=True)
+        rate = f"{v['flops'] / 1e9:,.1f} G{'' if k == 'int8' else 'FL'}OP/s"
+        print(f"matmul peak {k} n={n} ({when}): {rate} (jax)", flush=True)
     return out
 
 
@@ -553,7 +558,11 @@ def main():
     p.add_argument("--no_hf", action="store_true", help="skip the HF PyTorch comparison")
     p.add_argument("--min_sample_s", type=float, default=0.3, help="min seconds per sample")
     p.add_argument("--run_json", help=argparse.SUPPRESS)  # a child's results (--isa both)
+    p.add_argument("--readme_only", action="store_true", help="rewrite README from the JSON")
     args = p.parse_args()
+    if args.readme_only:
+        with open(args.out) as f:
+            return rewrite_readme("bench:train_throughput", readme_block(json.load(f)))
     t0 = time.perf_counter()
     if args.isa == "both":
         runs = run_children(args)
@@ -578,6 +587,9 @@ def main():
     failed = [k for k, r in runs.items() if "error" in r]
     if failed:
         sys.exit(f"failed: {', '.join(runs[k]['error'] for k in failed)}")
+    if args.isa == "both" and args.configs is None and not args.quick:  # the README's run
+        with open(args.out) as f:
+            rewrite_readme("bench:train_throughput", readme_block(json.load(f)))
 
 
 if __name__ == "__main__":

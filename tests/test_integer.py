@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qtx import quant
 from qtx.errors import UserError
@@ -102,10 +103,10 @@ def model_kwargs(batch):
     return {"images": batch["image"]} if "image" in batch else batch
 
 
-def calibrated(name, setup):
+def calibrated(name, setup, **options):
     cfg = model_config(name)
     params = build(cfg).init(jax.random.key(0), **dummy_inputs(cfg))["params"]
-    plan = quant.QuantPlan(quant.setup_rules(setup), mode="quantize")
+    plan = quant.QuantPlan(quant.setup_rules(setup, **options), mode="quantize")
     variables = calibrate_setup(cfg, plan, params, [random_batch(cfg, i) for i in range(3)])
     return cfg, plan, variables
 
@@ -147,7 +148,8 @@ def test_integer_model_matches_its_fake_quant_twin(name, setup):
       full-precision head (OPT's LM head, BERT's MLM head) gives identical logits;
     * to float32 rounding: the converted model run with float matmuls (its fake-quant twin)
       and the fake-quant model (same inputs to every matmul; XLA may move a per-tensor
-      scale out of one float dot and not the other);
+      scale out of one float dot and not the other), once fake quant's tied head reads the
+      int8 table the converted models keep instead of the float one (:func:`int8_tables`);
     * within one quantization step of the output: the head input (OPT, BERT) and the logits
       (one step of every head input through the head: ``s_in * max_n ||W_n||_1``). The int8
       matmuls are exact where fake quant's float32 sums round, so a value a rounding error
@@ -159,7 +161,12 @@ def test_integer_model_matches_its_fake_quant_twin(name, setup):
     assert all("mlm_head" in m or "pooler" in m for m in report.float_matmuls), report
     assert report.weight_bytes < report.float_weight_bytes
     x = model_kwargs(random_batch(cfg, 7))
-    fq = build(cfg, plan).apply(variables, **x)
+    fq_vars = int8_tables(plan, variables, int_vars)
+    assert (fq_vars is variables) == (name == "vit-tiny")  # OPT, BERT: int8 tables
+    if name != "vit-tiny":  # no float table left: weights ~4x (W8) / ~8x (W4) smaller
+        smaller = report.float_weight_bytes / report.weight_bytes
+        assert smaller > (3.5 if setup == "W8A8" else 6.5), smaller
+    fq = build(cfg, plan).apply(fq_vars, **x)
     out = build(cfg, iplan).apply(int_vars, **x)
     twin = build(cfg, int_models.fake_twin(iplan)).apply(int_vars, **x)
     np.testing.assert_allclose(twin["logits"], fq["logits"], rtol=1e-5, atol=1e-6)
@@ -167,15 +174,36 @@ def test_integer_model_matches_its_fake_quant_twin(name, setup):
     step = step_of(point, plan, variables)
     if kernel is not None:
         diff = float(jnp.max(jnp.abs(out["logits"] - fq["logits"])))
-        assert diff <= step * head_l1(kernel, variables), (diff, step)
+        assert diff <= step * head_l1(kernel, fq_vars), (diff, step)
     if name != "vit-tiny":
         hidden, want = np.asarray(out["last_hidden_state"]), np.asarray(fq["last_hidden_state"])
         assert np.abs(hidden - want).max() <= step * (1 + 1e-5)
         same = np.all(hidden == want, -1)
         assert same.mean() > 0.5
         np.testing.assert_array_equal(
-            np.asarray(out["logits"])[same], np.asarray(fq["logits"])[same]
+            np.asarray(out["logits"])[same], np.asarray(twin["logits"])[same]
         )
+
+
+def int8_tables(plan, variables, int_vars):
+    """``variables`` with every embedding table the integer model stores as int8 codes
+    replaced by its dequantized codes (``variables`` itself when there is none)."""
+    stored = flatten_dict(int_vars[quant.quantizer.INT])
+    params = flatten_dict(variables["params"])
+    tables = {}
+    for path in {k[:-1] for k in stored}:
+        table = path[:-1] + ("embedding",)
+        if table in params:
+            get = lambda k, path=path: stored.get(path + (k,))  # noqa: E731
+            codes = get("codes")
+            if codes.dtype == jnp.uint8:  # two 4-bit codes a byte
+                spec, _ = plan.resolve("/".join(path), "weight")
+                qmin = quant.quantizer._code_min(spec)
+                codes = unpack_nibbles(codes, params[table].shape, qmin)
+            tables[table] = dequantize(codes, get("scale"), get("zero"), get("offset"))
+    if not tables:
+        return variables
+    return {**variables, "params": unflatten_dict({**params, **tables})}
 
 
 def test_int8_directory_round_trip_is_bit_exact(tmp_path):
@@ -220,3 +248,44 @@ def test_conversion_errors_name_the_point_before_compute():
         int_models.to_integer(cfg, lsq, {"params": params})
     with pytest.raises(UserError, match="needs a model built with an integer plan"):
         convert(build(cfg, plan), {"params": params}, **dummy_inputs(cfg))
+
+
+def _int32_sums(fn, *args) -> int:
+    """How many reductions to int32 (zero-point sums of codes) ``fn`` traces."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+
+    def count(j):
+        n = 0
+        for e in j.eqns:
+            if e.primitive.name == "reduce_sum" and e.outvars[0].aval.dtype == jnp.int32:
+                n += 1
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                n += count(sub)
+        return n
+
+    return count(jaxpr.jaxpr)
+
+
+def test_weight_column_sums_are_stored_and_symmetric_activations_need_none():
+    """The weights' column sums are computed once at conversion (no per-call sums of weight
+    codes); with symmetric activation grids (``act_scheme='symmetric'``) the integer model
+    has no zero-point term at all, and still matches fake quant to one output step."""
+    x = model_kwargs(random_batch(model_config("bert-tiny"), 5))
+    counts = {}
+    for scheme in ("asymmetric", "symmetric"):
+        cfg, plan, variables = calibrated("bert-tiny", "W8A8", act_scheme=scheme)
+        iplan, int_vars, report = int_models.to_integer(cfg, plan, variables)
+        stored = int_vars[quant.quantizer.INT]["layer_0"]["ffn"]["fc1"]["weight"]
+        codes = np.asarray(stored["codes"], np.int64)
+        np.testing.assert_array_equal(stored["code_sums"], codes.sum(0, keepdims=True))
+        model = build(cfg, iplan)
+        counts[scheme] = _int32_sums(lambda v, m=model: m.apply(v, **x)["logits"], int_vars)
+        out, fq = model.apply(int_vars, **x), build(cfg, plan).apply(variables, **x)
+        step = step_of("layer_1/ffn_ln/out", plan, variables)
+        diff = np.abs(np.asarray(out["last_hidden_state"]) - np.asarray(fq["last_hidden_state"]))
+        assert diff.max() <= step * (1 + 1e-5)
+    # asymmetric: only the activations' per-head row sums of q k^T and probs v remain
+    assert 0 < counts["asymmetric"] <= 4 * 2, counts
+    assert counts["symmetric"] == 0, counts
+    with pytest.raises(UserError, match="act_scheme"):
+        quant.setup_rules("W8A8", act_scheme="unsigned")

@@ -48,9 +48,10 @@ def test_eval_convert_and_evaluate_the_int8_directory(fp_run, tmp_path, capsys):
     summary = export_integer(config, str(workdir), str(out), quantize="W8A8")
     assert summary["files"] == ["int8_config.json", "int8_model.safetensors"]
     again = evaluate_directory(config, str(out))
-    # the directory reproduces eval.py's numbers: its twin is the fake-quant model, its
-    # integer model the one eval.py converted
-    assert again["fake_quant"]["perplexity"] == pytest.approx(w8a8["perplexity"], rel=1e-6)
+    # the directory reproduces eval.py's numbers: its integer model is the one eval.py
+    # converted; its twin is the fake-quant model except for the tied LM head, which reads
+    # the int8 table (the float table is not stored)
+    assert again["fake_quant"]["perplexity"] == pytest.approx(w8a8["perplexity"], rel=1e-4)
     assert again["integer"]["perplexity"] == pytest.approx(got["perplexity"], rel=1e-6)
     assert again["weight_bytes"] == got["weight_bytes"]
     assert json.loads((out / "eval.json").read_text())["integer_matmuls"] == 8
@@ -71,8 +72,10 @@ def test_int8_export_of_a_qat_run(tmp_path):
     train(config, str(workdir), devices=jax.devices()[:1])
     out = tmp_path / "int8"
     summary = export_integer(config, str(workdir), str(out))
-    assert summary["weights"] == 6 and summary["integer_matmuls"]  # 4-bit, packed
+    # 6 matmul weights (4-bit, packed) and the 8-bit word embedding table
+    assert summary["weights"] == 7 and summary["integer_matmuls"]
     result = evaluate_directory(config, str(out))
     trained = evaluate(config, str(workdir))["quantized"]["trained"]
-    assert result["fake_quant"]["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-6)
+    # the twin's tied head reads the int8 table
+    assert result["fake_quant"]["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-3)
     assert abs(result["integer"]["perplexity"] / trained["perplexity"] - 1) < 1e-2

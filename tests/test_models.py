@@ -140,13 +140,17 @@ def random_inputs(cfg, key, batch=2, seq_len=8):
 
 
 def capture_points(fn):
-    """``fn()`` run with every QuantPoint call recorded: ``(result, {name: (input, output)})``."""
+    """``fn()`` run with every QuantPoint call recorded: ``(result, {name: (input, output)})``;
+    a table lookup (``rows``) records ``(looked-up rows, output, table)``."""
     seen = {}
 
     def record(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
         if isinstance(context.module, q.QuantPoint) and context.method_name == "__call__":
-            seen["/".join(context.module.path)] = (args[0], y)
+            x, rows = args[0], kwargs.get("rows")
+            seen["/".join(context.module.path)] = (
+                (x, y) if rows is None else (jnp.take(x, rows, axis=0), y, x)
+            )
         return y
 
     with nn.intercept_methods(record):
@@ -208,23 +212,23 @@ def test_forward_backward_under_w8a8(case):
         return jnp.mean(out["logits"] ** 2), (out["logits"], seen)
 
     (_, (q_logits, seen)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    seen = {k: (np.asarray(a, np.float64), np.asarray(b, np.float64)) for k, (a, b) in seen.items()}
+    seen = {k: [np.asarray(a, np.float64) for a in io] for k, io in seen.items()}
 
     points = q.list_points(fp_model.apply, {"params": params}, **x)
     report = q.match_report(plan, {k: kind for k, (kind, _) in points.items()})
     # FP: gates, heads, logits, and the fc1 output (the reference fuses fc1 with its activation)
     kept = {p for p in points if re.search(r"(^|/)(lm_head|mlm_head|gate)/|logits$|ffn/hidden$", p)}
     assert set(report.quantized) == set(points) - kept
-    changed = {k for k, (a, b) in seen.items() if not np.array_equal(a, b)}
+    changed = {k for k, (a, b, *_) in seen.items() if not np.array_equal(a, b)}
     assert set(seen) == set(points) and changed == set(report.quantized)
     calibrated = {"/".join(k[:-1]) for k in stats if k[-1] == "lo"}
     assert calibrated == {p for p in report.quantized if points[p][0] == "act"}
 
     rel_errors = []
     for name_ in report.quantized:
-        a, y = seen[name_]
+        a, y, *table = seen[name_]  # an embedding's rows share the grid of its table
         if points[name_][0] == "weight":
-            s, kmin, kmax = np.abs(a).max() / 127, -128, 127
+            s, kmin, kmax = np.abs(table[0] if table else a).max() / 127, -128, 127
             inside = np.ones(a.shape, bool)
         else:
             lo = min(float(stats[(*name_.split("/"), "lo")]), 0.0)

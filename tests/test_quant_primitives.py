@@ -41,8 +41,10 @@ def test_uniform_forward_matches_numpy(bits, scheme):
     want = np_fake_quant(x.astype(np.float64), lo, hi, bits, scheme)
     s = float(qparams_from_range(lo, hi, spec)[0])
     err = np.abs(got - want)
-    # float32 arithmetic may flip a rounding that lies within an ulp of .5: one step at most,
-    # and only at high bit widths where x/s has few fractional bits left.
+    # The op computes v = x * (1/s) in float32 (the reciprocal of the float32 step), the
+    # reference x / s in float64: the two v differ by about an ulp, which flips a rounding
+    # that lies that close to .5 by one step; only at high bit widths is v large enough (few
+    # fractional bits left) for that to happen to random inputs.
     assert err.max() <= s * 1.001 + 1e-6
     assert np.mean(err > 1e-5) <= (1e-3 if bits >= 12 else 0.0)
 
@@ -94,8 +96,8 @@ def test_lsq_and_lsq_plus_gradients_closed_form(qmin, qmax):
     dx, ds, dbeta = jax.grad(f, argnums=(0, 1, 2))(
         jnp.asarray(x), jnp.float32(s), jnp.float32(beta)
     )
-    # closed form evaluated on the same float32 v the op sees
-    v32 = ((x - np.float32(beta)) / np.float32(s)).astype(np.float64)
+    # closed form evaluated on the same float32 v the op sees: (x - beta) * (1/s)
+    v32 = ((x - np.float32(beta)) * (np.float32(1) / np.float32(s))).astype(np.float64)
     want_dx, want_ds, want_db = _closed_form(v32 * s + beta, s, beta, qmin, qmax, g, ct)
     inside32 = (v32 >= qmin) & (v32 <= qmax)
     np.testing.assert_array_equal(np.asarray(dx) != 0, inside32 & (ct != 0))
@@ -145,6 +147,79 @@ def test_uniform_quant_is_jit_safe_and_idempotent():
     x = jnp.linspace(-20, 20, 101)
     y = f(x)
     np.testing.assert_allclose(np.asarray(f(y)), np.asarray(y), atol=1e-6)
+
+
+def test_grid_integers_use_the_reciprocal_of_the_step():
+    """``v = x * (1/s)`` with the float32 reciprocal, not ``x / s``: on inputs within a few
+    ulps of the ``.5`` boundaries, where the two disagree, the op follows the reciprocal (as
+    XLA:CPU also compiled ``x / s`` for a broadcast step; a backend dividing exactly would
+    not)."""
+    s = np.float32(0.3)
+    mids = ((np.arange(-8, 8) + 0.5) * s).astype(np.float32)
+    x = np.concatenate([mids + np.float32(d) * np.spacing(mids) for d in range(-4, 5)])
+    by_recip = np.clip(np.round(x * (np.float32(1) / s)), -128, 127)
+    by_div = np.clip(np.round(x / s), -128, 127)
+    assert np.any(by_recip != by_div)  # the inputs do tell the two apart
+    y = uniform_quant(jnp.asarray(x), jnp.float32(s), 0.0, -128, 127, jnp.float32(0))
+    np.testing.assert_array_equal(np.asarray(y), (by_recip * s).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "x_shape,s_shape,o_shape",
+    [
+        ((40,), (), ()),  # 1-D, per tensor
+        ((4, 6, 8), (4, 6, 1), (4, 6, 1)),  # per token
+        ((2, 3, 4, 5), (1, 3, 1, 1), (1, 3, 1, 1)),  # per head
+        ((4, 6, 8), (4, 6, 1), ()),  # per-token step, per-tensor offset
+        ((6, 8), (1, 8), (1, 8)),  # per channel of the last axis (column sums)
+    ],
+)
+def test_step_and_offset_gradients_per_granularity(x_shape, s_shape, o_shape):
+    """``d/ds`` and ``d/dbeta`` summed to the step's and the offset's own shapes."""
+    qmin, qmax, g = -4, 3, 0.37
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=x_shape) * 2).astype(np.float32)
+    ct = rng.normal(size=x_shape).astype(np.float32)
+    s = rng.uniform(0.2, 0.5, size=s_shape).astype(np.float32)
+    beta = rng.uniform(-0.3, 0.3, size=o_shape).astype(np.float32)
+
+    def f(s, beta):
+        y = uniform_quant(jnp.asarray(x), s, beta, qmin, qmax, jnp.float32(g))
+        return jnp.sum(jnp.asarray(ct) * y)
+
+    ds, db = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(s), jnp.asarray(beta))
+    v = ((x - beta) * (np.float32(1) / s)).astype(np.float64)
+    inside = (v >= qmin) & (v <= qmax)
+    assert not inside.all()
+    q = np.clip(np.round(v), qmin, qmax)
+    want_s = ct * np.where(inside, q - v, q) * g
+    want_b = ct * np.where(inside, 0.0, 1.0) * g
+    for got, want, shape in ((ds, want_s, s_shape), (db, want_b, o_shape)):
+        lead = len(x_shape) - len(shape)
+        axes = (*range(lead), *(lead + i for i, n in enumerate(shape) if n == 1))
+        want = want.sum(axis=axes).reshape(shape)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU buffer assignment")
+@pytest.mark.parametrize("s_shape", [(), (256, 1)])
+def test_lsq_backward_keeps_no_full_size_temporary(s_shape):
+    """Forward + backward of a learnable step and offset (per tensor or per row) read ``x``
+    and the cotangent and write ``y`` and ``dx``: ``v``, the clip mask and the per-element
+    step gradient fuse into those loops and into the sums, so XLA keeps no temporary of
+    ``x``'s size (a divide would be materialised once, a plain reduce's operand too)."""
+    x = jnp.ones((256, 256), jnp.float32)
+    s, beta = jnp.full(s_shape, 0.3), jnp.full(s_shape, 0.1)
+
+    def fwd_bwd(x, ct, s, beta):
+        f = lambda x, s, b: uniform_quant(x, s, b, -8, 7, jnp.float32(0.1))  # noqa: E731
+        y, pull = jax.vjp(f, x, s, beta)
+        return y, *pull(ct)
+
+    mem = jax.jit(fwd_bwd).lower(x, x, s, beta).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    assert mem.temp_size_in_bytes < x.nbytes // 8
 
 
 W = np.random.default_rng(5).normal(size=(6, 10)).astype(np.float32)
@@ -237,7 +312,7 @@ def test_point_step_and_offset_gradients_are_closed_form_times_g(
         return jnp.sum(jnp.asarray(ct) * m.apply({"params": p}, jnp.asarray(x)))
 
     grads = jax.jit(jax.grad(loss))(params)["x"]
-    v = (x - beta) / s  # float32, as the op computes it
+    v = (x - beta) * (np.float32(1) / s)  # float32, as the op computes it
     below, above = v < qmin, v > qmax
     assert below.any() and above.any() and (~below & ~above).any()
     ds_el = np.where(below, qmin, np.where(above, qmax, np.round(v) - v)).astype(np.float64)

@@ -8,6 +8,7 @@ The int8 directory (``export.py --int8``) holds::
                              "source": {...}}
     int8_model.safetensors  every variable as "<collection>/<module path>/<name>":
                             quant_int/.../weight/codes   int8 (uint8: two 4-bit codes a byte)
+                            quant_int/.../weight/code_sums  int32 column sums (1, N)
                             quant_int/.../weight/scale   float32 (per tensor or channel)
                             quant_int/.../weight/zero    int32 (asymmetric grids)
                             quant_int/.../weight/offset  float32 (LSQ+ weights)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from qtx.errors import UserError
 from qtx.nn.kernels import dense_dot
 from qtx.quant import QuantPlan, QuantPoint
-from qtx.quant.integer import as_float, dense_subscripts, matmul
+from qtx.quant.integer import QArray, as_float, dense_subscripts, matmul, take_rows
 
 Dtype = Any
 
@@ -71,7 +71,16 @@ def quantized_weight(module: nn.Module, name: str, init, shape, plan: QuantPlan)
 
 
 class Embed(nn.Module):
-    """Lookup in a quantized table (num, features); per-channel axis = rows (tokens)."""
+    """Lookup in a quantized table (num, features); per-channel axis = rows (tokens).
+
+    Only the looked-up rows are fake-quantized where that equals quantizing the whole table
+    bit for bit (per-tensor or per-row ranges and steps; see ``QuantPoint._lookup``); other
+    cases (calibration, initialisation, ``quant_weights`` records, ...) quantize the table.
+
+    In a converted integer model the table is stored as int8 codes (``quant_int/.../weight``)
+    instead of the float parameter: lookups dequantize the looked-up rows (the fake-quant
+    rows bit for bit), and :meth:`attend` (a tied LM head) reads the dequantized table.
+    """
 
     num_embeddings: int
     features: int
@@ -80,18 +89,41 @@ class Embed(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32
-        )
-        self.weight = QuantPoint(self.plan, "weight", channel_axis=0)
+        shape = (self.num_embeddings, self.features)
+        self.weight = QuantPoint(self.plan, "weight", channel_axis=0, table=True)
+        self.embedding = None  # a converted integer model holds the int8 table only
+        if self.is_initializing() or self.has_variable("params", "embedding"):
+            self.embedding = self.param("embedding", self.embedding_init, shape, jnp.float32)
+
+    def _stored(self):
+        """The int8 table of a converted integer model (a QArray), else None."""
+        if self.embedding is not None:
+            return None
+        stored = self.weight.stored_weight((self.num_embeddings, self.features))
+        if stored is None:
+            raise UserError(
+                f"embedding '{'/'.join(self.path)}' has neither a float parameter 'embedding' "
+                "nor int8 codes; load the variables the model was built (or converted) with."
+            )
+        return stored
 
     def __call__(self, ids):
         """Rows of the (quantized) table, float32 (B, T, features)."""
-        return jnp.take(self.weight(self.embedding), ids, axis=0)
+        stored = self._stored()
+        if stored is not None:
+            return take_rows(stored, ids)
+        return self.weight(self.embedding, rows=ids)
 
     def attend(self, x):
-        """``x @ E^T`` with the full-precision table (tied LM heads stay unquantized)."""
-        return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))
+        """``x @ E^T`` with the full-precision table (tied LM heads stay unquantized); in an
+        integer model whose table is stored as int8 codes, with the dequantized codes (the
+        float table is not kept)."""
+        stored = self._stored()
+        table = self.embedding if stored is None else stored.value
+        if stored is None and self.plan.integer:  # not converted yet: the codes it will store
+            q = self.weight(self.embedding)
+            table = q.value if isinstance(q, QArray) else table
+        return jnp.dot(x.astype(self.dtype), table.T.astype(self.dtype))
 
 
 class LayerNorm(nn.Module):

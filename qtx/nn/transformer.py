@@ -50,8 +50,16 @@ from qtx.nn.layers import Dense, LayerNorm, alias_removes, drop_path
 from qtx.quant import QuantPlan, QuantPoint
 from qtx.quant.integer import as_float
 
+
+def gelu_erf(x):
+    """Exact GELU ``x/2 (1 + erf(x / sqrt 2))``, PyTorch's form. ``jax.nn.gelu``'s exact
+    form goes through ``erfc``, which XLA:CPU evaluates about 5x slower than ``erf``; the
+    two agree to float32 rounding (|difference| <= 1e-6 on |x| <= 10)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,  # the decoder family's SwiGLU (qtx.nn.decoder)

@@ -4,9 +4,12 @@
 fake-quant variables (``params`` with any learned steps, ``quant_stats`` from calibration or
 token-wise clipping) and example inputs, and returns the integer variables:
 
-* ``quant_int``: for each quantized weight that feeds a matmul, ``codes`` (int8 of the
-  weight's shape, or two 4-bit codes per byte where ``bits <= 4``), ``scale`` (float32, the
-  point's granularity), ``zero`` (int32, where not 0) and ``offset`` (LSQ+ weights);
+* ``quant_int``: for each quantized weight that feeds a matmul, and each quantized
+  embedding table of up to 8 bits (which replaces the float table), ``codes`` (int8 of the
+  weight's shape, or two 4-bit codes per byte where ``bits <= 4``), ``code_sums`` (int32
+  sums of the codes over the contracted input axis, for the activation zero point's term),
+  ``scale`` (float32, the point's granularity), ``zero`` (int32, where not 0) and ``offset``
+  (LSQ+ weights);
 * ``params`` without those weights' float kernels and quantizer steps;
 * ``quant_stats`` without the converted weights' ranges (activations keep theirs).
 
@@ -27,7 +30,7 @@ from qtx.errors import UserError
 from qtx.quant.integer import record_matmuls
 from qtx.quant.quantizer import INT, STATS
 
-WEIGHT_PARAM = "kernel"  # the parameter a module's ``weight`` point quantizes
+WEIGHT_PARAMS = ("kernel", "embedding")  # what a module's ``weight`` point quantizes
 
 
 @dataclasses.dataclass
@@ -81,12 +84,12 @@ def convert(model, variables: dict, *args, **kwargs) -> tuple[dict, IntegerRepor
     points = sorted({path[:-1] for path in flatten_dict(stored)})
     params = flatten_dict(variables["params"])
     for point in points:
-        kernel = point[:-1] + (WEIGHT_PARAM,)
-        if kernel not in params:
+        kernel = next((k for k in (point[:-1] + (n,) for n in WEIGHT_PARAMS) if k in params), None)
+        if kernel is None:
             raise UserError(
-                f"integer weight '{'/'.join(point)}' has no float parameter "
-                f"'{'/'.join(kernel)}' to replace; weight points named 'weight' quantize "
-                f"their module's '{WEIGHT_PARAM}'."
+                f"integer weight '{'/'.join(point)}' has no float parameter to replace; "
+                f"weight points named 'weight' quantize their module's "
+                f"{' or '.join(repr(n) for n in WEIGHT_PARAMS)}."
             )
         del params[kernel]
         for name in [k for k in params if k[: len(point)] == point]:

@@ -20,8 +20,10 @@ and ``K`` the contracted size::
     sum_k a'_k b'_k = sum_k c_a c_b - z_a sum_k c_b - z_b sum_k c_a + K z_a z_b
 
 so the correction is an int32 bias built from the codes' sums over the contracted axes (a
-weight's column sums; a row sum of an activation). Offsets add ``beta_a s_b sum_k b'`` (and
-symmetrically) in float. The result is ``s_a s_b (acc + correction)`` in float32.
+weight's column sums, computed once at conversion and carried as ``QArray.sums``; a row sum
+of an activation, computed per call where the weight has a zero point). Offsets add
+``beta_a s_b sum_k b'`` (and symmetrically) in float. The result is
+``s_a s_b (acc + correction)`` in float32.
 A matmul has an integer form when both inputs are QArrays whose scale, zero point and
 offset are constant along the contracted axes and the int32 accumulator cannot overflow;
 otherwise it runs in float on the dequantized values (:func:`matmul`), and
@@ -48,6 +50,9 @@ class QArray:
 
     ``zero`` / ``offset`` are None when they are 0 by construction; ``bits`` is the grid's
     width (``|codes - zero| <= 2**bits - 1``), used to bound the int32 accumulator.
+    ``sums``: optional int32 ``sum(codes, sums_axes, keepdims=True)`` (a converted weight's
+    column sums), read by :func:`integer_einsum` when it contracts exactly ``sums_axes``;
+    every relayout drops it.
     """
 
     codes: jax.Array
@@ -56,6 +61,8 @@ class QArray:
     offset: jax.Array | None
     value: jax.Array
     bits: int = flax.struct.field(pytree_node=False, default=8)
+    sums: jax.Array | None = None
+    sums_axes: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -75,7 +82,7 @@ class QArray:
         float ``fn(value)``."""
         if not self.per_tensor:
             return fn(self.value)
-        return self.replace(codes=fn(self.codes), value=fn(self.value))
+        return self.replace(codes=fn(self.codes), value=fn(self.value), sums=None, sums_axes=None)
 
     def repeat(self, repeats: int, axis: int):
         """Every slice along ``axis`` repeated ``repeats`` times (a GQA key / value serving
@@ -101,6 +108,8 @@ class QArray:
             scale=scale,
             zero=zero,
             offset=offset,
+            sums=None,
+            sums_axes=None,
         )
 
     def merge_trailing(self, n: int):
@@ -126,6 +135,8 @@ class QArray:
             scale=scale,
             zero=zero,
             offset=offset,
+            sums=None,
+            sums_axes=None,
         )
 
 
@@ -150,6 +161,24 @@ def merge_trailing(x, n: int):
     if isinstance(x, QArray):
         return x.merge_trailing(n)
     return x.reshape(x.shape[: x.ndim - n] + (math.prod(x.shape[x.ndim - n :]),))
+
+
+def take_rows(x: QArray, ids) -> jax.Array:
+    """``take(x.value, ids, axis=0)`` from the looked-up rows' codes: float32
+    ``ids.shape + x.shape[1:]``, bit for bit the rows of ``x.value`` (a per-tensor or per-row
+    scale / zero point / offset; other layouts dequantize the whole table first)."""
+
+    def rows(p):
+        if p is None or jnp.ndim(p) == 0:
+            return p
+        if jnp.ndim(p) != x.ndim or any(d != 1 for d in p.shape[1:]):
+            return False
+        return jnp.take(p, ids, axis=0)
+
+    params = [rows(p) for p in (x.scale, x.zero, x.offset)]
+    if any(p is False for p in params):
+        return jnp.take(x.value, ids, axis=0)
+    return dequantize(jnp.take(x.codes, ids, axis=0), *params)
 
 
 def code_shift(qmax: int) -> int:
@@ -246,6 +275,14 @@ def _to_out(x, labels: str, out: str):
     return x.reshape([x.shape[order.index(c)] if c in order else 1 for c in out])
 
 
+def code_sums(x: QArray, axes: tuple[int, ...]):
+    """``sum(x.codes, axes, keepdims=True)`` in int32: the stored ``x.sums`` where they
+    span exactly ``axes``, else computed."""
+    if x.sums is not None and tuple(sorted(x.sums_axes)) == tuple(sorted(axes)):
+        return x.sums
+    return jnp.sum(x.codes, axes, jnp.int32, keepdims=True)
+
+
 def integer_einsum(subscripts: str, a: QArray, b: QArray):
     """``einsum(subscripts, a.value, b.value)`` as an int8 ``dot_general`` with int32
     accumulation, the zero-point bias and one rescale; float32 of the output shape."""
@@ -257,9 +294,9 @@ def integer_einsum(subscripts: str, a: QArray, b: QArray):
     acc = jnp.einsum(subscripts, a.codes, b.codes, preferred_element_type=jnp.int32)
     sum_a = sum_b = None
     if b.zero is not None or b.offset is not None or a.offset is not None:
-        sum_a = _to_out(jnp.sum(a.codes, axes_a, jnp.int32, keepdims=True), la, out)
+        sum_a = _to_out(code_sums(a, axes_a), la, out)
     if a.zero is not None or a.offset is not None or b.offset is not None:
-        sum_b = _to_out(jnp.sum(b.codes, axes_b, jnp.int32, keepdims=True), lb, out)
+        sum_b = _to_out(code_sums(b, axes_b), lb, out)
     za, zb = _to_out(a.zero, la, out), _to_out(b.zero, lb, out)
     if za is not None:
         acc = acc - za * sum_b

@@ -7,15 +7,16 @@ Presets:
 
 * ``w8a8_all`` (Quantizable Transformers): per-tensor everything. Weights symmetric on
   ``[-128, 127]`` (``current_minmax``, or ``mse`` for OPT); every activation asymmetric on
-  ``[0, 255]``, running min-max with momentum 0.9 (or the 99.999 percentile). Gates, the LM
-  head and the final logits stay in full precision, and so does the fc1 output before the
-  activation (``ffn/hidden``): the reference fuses fc1 with the activation and quantizes only
-  after it (``ffn_hidden=True`` quantizes it too). The residual stream (``embed/sum`` and the
-  residual sums) is quantized at ``max(A, 8)`` bits (option ``residual_bits``): its range is
-  set by the largest tokens, and below 8 bits every element of a smaller token rounds to the
-  zero point, e.g. a ViT's class (and distillation) token, 30-100x smaller than its patch
-  tokens, which leaves the classifier its bias alone. At W8A8, the paper's setup, this
-  changes nothing.
+  ``[0, 255]``, running min-max with momentum 0.9 (or the 99.999 percentile); option
+  ``act_scheme='symmetric'`` puts activations on ``[-128, 127]`` without a zero point.
+  Gates, the LM head and the final logits stay in full precision, and so does the fc1 output
+  before the activation (``ffn/hidden``): the reference fuses fc1 with the activation and
+  quantizes only after it (``ffn_hidden=True`` quantizes it too). The residual stream
+  (``embed/sum`` and the residual sums) is quantized at ``max(A, 8)`` bits (option
+  ``residual_bits``): its range is set by the largest tokens, and below 8 bits every element
+  of a smaller token rounds to the zero point, e.g. a ViT's class (and distillation) token,
+  30-100x smaller than its patch tokens, which leaves the classifier its bias alone. At
+  W8A8, the paper's setup, this changes nothing.
 * ``os_fastertransformer`` (Outlier Suppression): W-E-A bits; weights symmetric per output
   channel, embeddings at E bits; activations asymmetric per tensor at the FasterTransformer
   positions only (embedding LN, Q/K/V, softmax, context, attention LN, GELU, FFN LN, pooler
@@ -56,13 +57,20 @@ def w8a8_all(
     percentile=99.999,
     ffn_hidden=False,
     residual_bits=None,
+    act_scheme="asymmetric",
 ):
     """Quantizable Transformers' W8A8: every activation, per tensor (see module docstring).
 
     ``ffn_hidden``: also quantize the fc1 output before the activation (the reference does not).
     ``residual_bits``: width of the residual stream (``embed/sum``, ``residual_attn``,
     ``residual_ffn``); default ``max(a, 8)``, ``0`` keeps it in full precision.
+    ``act_scheme``: ``asymmetric`` (the paper) or ``symmetric`` activation grids; symmetric
+    ones have no zero point, so the integer model's matmuls need no zero-point terms.
     """
+    if act_scheme not in ("asymmetric", "symmetric"):
+        raise UserError(
+            f"w8a8_all option act_scheme={act_scheme!r} is invalid; allowed: asymmetric, symmetric."
+        )
     if residual_bits is not None and (
         not isinstance(residual_bits, int)
         or isinstance(residual_bits, bool)
@@ -78,7 +86,7 @@ def w8a8_all(
         fused = (rule(r"(^|/)ffn/hidden$", "act", "fc1 output (fused with act)", off=True),)
     act = dict(
         bits=a,
-        scheme="asymmetric",
+        scheme=act_scheme,
         estimator=act_estimator,
         momentum=momentum,
         percentile=percentile,

@@ -23,6 +23,21 @@ Gradients (``inside`` means ``qmin <= v <= qmax``, i.e. clamp-then-round as in L
 
 The step and offset gradients are multiplied by the gradient scale ``g`` (LSQ's
 ``1/sqrt(N * Qp)`` or any other choice, see :func:`grad_scale_value`).
+
+Rounding: ``v`` is computed as ``(x - beta) * (1/s)`` with the float32 reciprocal of the step,
+not as ``(x - beta) / s``. The two may differ by an ulp of ``v``, so an ``x`` within about an
+ulp of a ``.5`` boundary can round to the neighbouring grid point: one step, rare, and most
+likely at high bit widths where ``v`` has few fractional bits. XLA's algebraic simplifier
+already turns a divide by a broadcast step into this multiply, so on XLA:CPU the values are
+the same as with ``/``; written out, the form holds on every backend, and the scalar
+reciprocal stays outside the elementwise loops, which lets XLA fuse ``v`` into each consumer
+instead of materialising it. The integer model (``QArray`` codes) computes its grid integers
+the same way, so codes and fake-quant values stay bit-identical.
+
+Backward: only ``x`` is saved; ``v``, the mask and ``round(v)`` are recomputed. Where a sum
+runs over the last axis (per-tensor, per-token, per-head steps) the step and offset sums are
+one variadic reduction fused with the per-element terms (no full-size temporary on XLA:CPU),
+rows first, then the row sums.
 """
 
 from __future__ import annotations
@@ -60,6 +75,13 @@ def grid_bounds(bits: int, scheme: str) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def _sum_axes(x_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Axes of ``x_shape`` that broadcasting ``shape`` to it added or stretched."""
+    lead = len(x_shape) - len(shape)
+    stretched = (lead + i for i, n in enumerate(shape) if n == 1 and x_shape[lead + i] != 1)
+    return (*range(lead), *stretched)
+
+
 def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Sums a broadcast cotangent ``x`` back to ``shape`` (the inverse of broadcasting)."""
     if x.shape == tuple(shape):
@@ -70,9 +92,34 @@ def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.sum(axis=axes, keepdims=True).reshape(shape)
 
 
+def _rows_reduced(x_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether summing ``x_shape`` to ``shape`` reduces the last axis (per-tensor, per-token
+    and per-head steps; not a step per channel of the last axis)."""
+    return len(x_shape) > 0 and len(x_shape) - 1 in _sum_axes(x_shape, shape)
+
+
+def _fused_sums(parts: tuple[jax.Array, ...], shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """``sum_to_shape`` of several same-shape arrays whose last axis is summed.
+
+    One variadic reduce over the last axis, then plain sums of the (``1/n_last`` as large)
+    row sums. A single-output reduce is handed to a library kernel on XLA:CPU that takes its
+    operand materialised (one full-size temporary per array); the variadic reduce fuses the
+    elementwise terms that produce ``parts`` instead. Summing rows first also keeps the
+    float32 error of a per-tensor sum near that of a pairwise sum.
+    """
+    axes = _sum_axes(parts[0].shape, shape)
+    last = parts[0].ndim - 1
+    zeros = tuple(jnp.zeros((), p.dtype) for p in parts)
+    rows = jax.lax.reduce(
+        parts, zeros, lambda a, b: tuple(u + w for u, w in zip(a, b, strict=True)), (last,)
+    )
+    rest = tuple(a for a in axes if a != last)
+    return tuple((r.sum(axis=rest) if rest else r).reshape(shape) for r in rows)
+
+
 @jax.custom_vjp
 def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
-    """Uniform fake quant ``clip(round((x - offset)/scale), qmin, qmax) * scale + offset``.
+    """Uniform fake quant ``clip(round((x - offset) * (1/scale)), qmin, qmax) * scale + offset``.
 
     Args:
       x: any shape.
@@ -82,27 +129,47 @@ def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
       grad_scale: multiplier of the ``scale``/``offset`` gradients, a scalar or broadcastable
         to ``scale`` (one per step, e.g. ``weight_l1`` per channel).
     """
-    v = (x - offset) / scale
+    v = (x - offset) * (1 / scale)
     return jnp.clip(jnp.round(v), qmin, qmax) * scale + offset
 
 
 def _uniform_fwd(x, scale, offset, qmin, qmax, grad_scale):
-    v = (x - offset) / scale
-    q = jnp.clip(jnp.round(v), qmin, qmax)
-    return q * scale + offset, (v, q, scale, offset, qmin, qmax, grad_scale)
+    # Only x is saved: v, the clip mask and round(v) are recomputed in the backward pass,
+    # where they fuse into the consumers (no full-size residual besides x).
+    y = uniform_quant(x, scale, offset, qmin, qmax, grad_scale)
+    return y, (x, scale, offset, qmin, qmax, grad_scale)
 
 
 def _uniform_bwd(res, ct):
-    v, q, scale, offset, qmin, qmax, grad_scale = res
+    x, scale, offset, qmin, qmax, grad_scale = res
+    v = (x - offset) * (1 / scale)
+    q = jnp.clip(jnp.round(v), qmin, qmax)
     inside = (v >= qmin) & (v <= qmax)
-    dx = jnp.where(inside, ct, jnp.zeros_like(ct))
+    zero = jnp.zeros_like(ct)
+    dx = jnp.where(inside, ct, zero)
+    s_shape, o_shape = jnp.shape(scale), jnp.shape(offset)
+    # g multiplies a sum when it broadcasts onto the sum's shape (a scalar, or one g per
+    # step), else every element (e.g. one g per channel for a per-tensor offset)
     g = grad_scale.astype(ct.dtype)
-    dscale = sum_to_shape(ct * jnp.where(inside, q - v, q) * g, jnp.shape(scale))
-    doffset = sum_to_shape(jnp.where(inside, jnp.zeros_like(ct), ct) * g, jnp.shape(offset))
+    g_s, g_o = (jnp.broadcast_shapes(g.shape, sh) == sh for sh in (s_shape, o_shape))
+    ct_s, ct_o = (ct if fits else ct * g for fits in (g_s, g_o))
+    clipped = jnp.where(inside, zero, ct_o)  # d/d offset per element
+    if _rows_reduced(jnp.shape(ct), s_shape):
+        # d/ds = round(v) - v inside, q at the clip: as two partial sums, so that the
+        # reduction stays variadic and fuses with the terms (see _fused_sums).
+        parts = (jnp.where(inside, ct_s * (q - v), zero), jnp.where(inside, zero, ct_s) * q)
+        if o_shape == s_shape:
+            s_in, s_out, doffset = _fused_sums((*parts, clipped), s_shape)
+        else:
+            (s_in, s_out), doffset = _fused_sums(parts, s_shape), sum_to_shape(clipped, o_shape)
+        dscale = s_in + s_out
+    else:  # column sums (a step per last-axis channel): XLA's own reductions are faster
+        dscale = sum_to_shape(ct_s * jnp.where(inside, q - v, q), s_shape)
+        doffset = sum_to_shape(clipped, o_shape)
     return (
         dx,
-        dscale.astype(jnp.result_type(scale)),
-        doffset.astype(jnp.result_type(offset)),
+        (dscale * g if g_s else dscale).astype(jnp.result_type(scale)),
+        (doffset * g if g_o else doffset).astype(jnp.result_type(offset)),
         jnp.zeros_like(qmin),
         jnp.zeros_like(qmax),
         jnp.zeros_like(grad_scale),

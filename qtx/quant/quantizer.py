@@ -23,6 +23,10 @@ view, differentiable), ``step`` and ``offset`` (so ``code = clip(round((w - offs
 qmin, qmax)``) and the grid's integer ``levels`` ``qmin, ..., qmax``. Weight regularisers
 (bin regularisation) and oscillation tracking read them from the training forward pass.
 
+A table lookup calls ``point(table, rows=ids)`` and gets ``take(Q(table), ids, axis=0)``; in
+``quantize`` / ``learn`` mode it quantizes only the looked-up rows when that gives the same
+values and gradients as the whole table (per-tensor or per-row ranges and steps).
+
 In an integer plan (``plan.integer``), a point marked ``operand`` (its output feeds a matmul)
 returns a :class:`~qtx.quant.integer.QArray`: int8 codes, scale and zero point, and the float
 value fake quant would have returned. A weight point of a converted model reads its codes from
@@ -116,6 +120,9 @@ class QuantPoint(nn.Module):
       channel_axis: default axis of per-channel granularity (weights: the output axis).
       head_axis: the head axis of attention tensors, for ``granularity='head'``.
       operand: the output feeds a matmul; in an integer plan it is returned as a QArray.
+      table: a lookup table's weight (an embedding); in an integer plan its codes are stored
+        at conversion like a matmul weight's (up to 8 bits), and the table reads its rows
+        from them (:func:`~qtx.quant.integer.take_rows`).
     """
 
     plan: QuantPlan = QuantPlan()
@@ -123,15 +130,81 @@ class QuantPoint(nn.Module):
     channel_axis: int | None = -1
     head_axis: int | None = None
     operand: bool = False
+    table: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, rows=None):
         """``x`` any shape; ``mask``: bool, True at real tokens, broadcastable to ``x`` once
         trailing axes are added ((B, T) for (B, T, ...) activations; attention maps pass
         (B, 1, T, S)). Calibration statistics, LSQ inits and dynamic ranges then see only the
-        real tokens; None (images, weights) = every element."""
+        real tokens; None (images, weights) = every element.
+
+        ``rows``: integer ids (any shape) into axis 0 of a table ``x`` (V, ...): the call
+        returns ``take(Q(x), rows, axis=0)`` (rows.shape + x.shape[1:]), quantizing only the
+        looked-up rows where that is exact (:meth:`_lookup`)."""
         x = as_float(x)
         name = "/".join(self.path)
+        if rows is None:
+            return self._point(x, mask, name)
+        spec, mode = self.plan.resolve(name, self.kind)
+        if self.plan.integer and mode == "learn":
+            mode = "quantize"
+        if self._rows_exact(x, spec, mode, name):
+            return self._lookup(x, rows, spec, mode, name)
+        return jnp.take(as_float(self._point(x, mask, name)), rows, axis=0)
+
+    def _rows_exact(self, x, spec: QuantSpec | None, mode: str, name: str) -> bool:
+        """Whether rows of ``x`` can be quantized alone, bit-identically: a weight point in
+        mode ``quantize`` / ``learn`` on a uniform grid with one range or step for the whole
+        table (frozen, learned, or ``current_minmax`` over the whole table) or one per row
+        (channel axis 0); not while initialising, listing points, tracking the point,
+        recording ``quant_weights`` or handing a QArray to a matmul (these see the table)."""
+        if spec is None or spec.binary or mode not in ("quantize", "learn"):
+            return False
+        integer = self.plan.integer and (self.operand or self.table)
+        if self.kind != "weight" or self.is_initializing() or integer:
+            return False
+        if any(self.is_mutable_collection(c) for c in (POINTS, WEIGHTS)):
+            return False
+        if self.plan.track and self.plan.tracks(name):
+            return False
+        if spec.granularity == "tensor":
+            return True
+        axis = spec.axis if spec.axis is not None else self.channel_axis
+        channel = spec.granularity == "channel" and axis is not None and x.ndim > 0
+        return channel and axis % x.ndim == 0
+
+    def _lookup(self, table, ids, spec: QuantSpec, mode: str, name: str):
+        """``take(Q(table), ids, axis=0)`` from the looked-up rows only.
+
+        Each row gets the whole-table point's range or step (per tensor, or its own row's:
+        ranges, steps and per-row gradient scales are gathered at ``ids``); a dynamic range and
+        the gradient scale ``g`` (LSQ's ``N`` = elements sharing a step) are computed on the
+        whole table. The table gradient is the scatter-add of the rows' STE gradients and the
+        step gradient sums over the looked-up rows, equal to the whole-table ones since the
+        other rows get a zero cotangent (duplicate ids accumulate)."""
+        view = make_view(table.shape, spec, self.channel_axis, self.head_axis, name)
+        tv = table.astype(jnp.float32)  # a tensor or channel view is the table itself
+        x = jnp.take(tv, ids, axis=0)
+
+        def pick(a):  # per-row quantities (V, 1, ...) -> the looked-up rows' (ids..., 1, ...)
+            return a if jnp.ndim(a) == 0 else jnp.take(a, ids, axis=0)
+
+        if spec.learn == "none":
+            lo, hi = self._frozen_range(tv, view, spec, name)
+            return fake_quant_range(x, pick(lo), pick(hi), spec).astype(table.dtype)
+        qmin, qmax = grid_bounds(spec.bits, spec.scheme)
+        scale, offset = self._learnable_params(tv, view, spec)
+        sg = jax.lax.stop_gradient  # the straight-through floor of _quantize
+        scale = sg(jnp.maximum(scale, spec.min_scale)) + (scale - sg(scale))
+        if mode != "learn":
+            scale, offset = sg((scale, offset))
+        g = grad_scale_value(spec.grad_scale, tv, jnp.size(scale), qmax, axes=view.axes)
+        y = uniform_quant(x, pick(scale), pick(offset), qmin, qmax, pick(g))
+        return y.astype(table.dtype)
+
+    def _point(self, x, mask, name: str):
+        """The point on ``x`` (float): see :meth:`__call__`."""
         if self.is_mutable_collection(POINTS) and not self.is_initializing():
             # A listing pass (see list_points): record the point, change nothing.
             self.put_variable(POINTS, self.kind, jnp.zeros(x.shape, jnp.bool_))
@@ -152,9 +225,11 @@ class QuantPoint(nn.Module):
         return self._quantize(x, spec, mode, name, mask)
 
     def _integer(self, spec: QuantSpec, view, name: str) -> bool:
-        """Whether this point hands a QArray to its matmul."""
-        if not (self.plan.integer and self.operand):
+        """Whether this point hands a QArray to its matmul (or, for a table, stores codes)."""
+        if not (self.plan.integer and (self.operand or self.table)):
             return False
+        if self.table and not self.operand and spec.bits > INTEGER_BITS:
+            return False  # a wider table stays float; only matmul inputs need int8 codes
         if spec.bits > INTEGER_BITS:
             raise UserError(
                 f"quantization point '{name}' has bits={spec.bits}; the integer model holds "
@@ -188,7 +263,9 @@ class QuantPoint(nn.Module):
             )
         scale, zero, offset = get("scale"), get("zero"), get("offset")
         value = dequantize(codes, scale, zero, offset)
-        return QArray(codes, scale, zero, offset, value, _grid_bits(spec))
+        sums = get("code_sums")  # absent in directories written before they were stored
+        axes = tuple(range(len(shape) - 1)) if sums is not None else None
+        return QArray(codes, scale, zero, offset, value, _grid_bits(spec), sums, axes)
 
     def _qarray(self, xv, out, spec: QuantSpec, q: dict) -> QArray:
         """The QArray of ``out`` (the fake-quant output) and, in the conversion pass, its
@@ -207,6 +284,12 @@ class QuantPoint(nn.Module):
         if self.kind == "weight" and self.is_mutable_collection(INT) and not self.is_initializing():
             stored = pack_nibbles(codes, _code_min(spec)) if spec.bits <= PACKED_BITS else codes
             self.put_variable(INT, "codes", stored)
+            if self.operand:
+                # the column sums of the contraction (every axis but the last, as Dense reads
+                # its kernel) for the activation's zero-point term, once instead of per call
+                axes = tuple(range(codes.ndim - 1))
+                sums = jnp.sum(codes, axes, jnp.int32, keepdims=True)
+                self.put_variable(INT, "code_sums", sums)
             self.put_variable(INT, "scale", scale)
             if zero is not None:
                 self.put_variable(INT, "zero", zero)
@@ -268,11 +351,11 @@ class QuantPoint(nn.Module):
         if not self._integer(spec, view, name):
             return out
         if learn:  # the grid integers of uniform_quant, and LSQ+'s offset
-            k = jnp.clip(jnp.round((xv - offset) / scale), qmin, qmax)
+            k = jnp.clip(jnp.round((xv - offset) * (1 / scale)), qmin, qmax)
             q = dict(scale=scale, k=k, z=None, offset=offset if spec.learn == "lsq+" else None)
         else:  # fake_quant_range's shifted grid qmin - z .. qmax - z, z = 0 unless asymmetric
             s, z = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
-            k = jnp.clip(jnp.round(xv / s), qmin - z, qmax - z)
+            k = jnp.clip(jnp.round(xv * (1 / s)), qmin - z, qmax - z)
             q = dict(scale=s, k=k, z=z if spec.scheme == "asymmetric" else None, offset=None)
         return self._qarray(xv, out, spec, {**q, "qmax": qmax})
 
