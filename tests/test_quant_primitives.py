@@ -41,10 +41,10 @@ def test_uniform_forward_matches_numpy(bits, scheme):
     want = np_fake_quant(x.astype(np.float64), lo, hi, bits, scheme)
     s = float(qparams_from_range(lo, hi, spec)[0])
     err = np.abs(got - want)
-    # The op computes v = x * (1/s) in float32 (the reciprocal of the float32 step), the
-    # reference x / s in float64: the two v differ by about an ulp, which flips a rounding
-    # that lies that close to .5 by one step; only at high bit widths is v large enough (few
-    # fractional bits left) for that to happen to random inputs.
+    # XLA:CPU computes v = x / s as x * (1/s) in float32 (the reciprocal of the float32
+    # step), the reference x / s in float64: the two v differ by about an ulp, which flips a
+    # rounding that lies that close to .5 by one step; only at high bit widths is v large
+    # enough (few fractional bits left) for that to happen to random inputs.
     assert err.max() <= s * 1.001 + 1e-6
     assert np.mean(err > 1e-5) <= (1e-3 if bits >= 12 else 0.0)
 
@@ -96,7 +96,7 @@ def test_lsq_and_lsq_plus_gradients_closed_form(qmin, qmax):
     dx, ds, dbeta = jax.grad(f, argnums=(0, 1, 2))(
         jnp.asarray(x), jnp.float32(s), jnp.float32(beta)
     )
-    # closed form evaluated on the same float32 v the op sees: (x - beta) * (1/s)
+    # closed form evaluated on the same float32 v the op sees: XLA:CPU's (x - beta) * (1/s)
     v32 = ((x - np.float32(beta)) * (np.float32(1) / np.float32(s))).astype(np.float64)
     want_dx, want_ds, want_db = _closed_form(v32 * s + beta, s, beta, qmin, qmax, g, ct)
     inside32 = (v32 >= qmin) & (v32 <= qmax)
@@ -150,10 +150,9 @@ def test_uniform_quant_is_jit_safe_and_idempotent():
 
 
 def test_grid_integers_use_the_reciprocal_of_the_step():
-    """``v = x * (1/s)`` with the float32 reciprocal, not ``x / s``: on inputs within a few
-    ulps of the ``.5`` boundaries, where the two disagree, the op follows the reciprocal (as
-    XLA:CPU also compiled ``x / s`` for a broadcast step; a backend dividing exactly would
-    not)."""
+    """XLA:CPU computes ``v = x / s`` as ``x * (1/s)`` with the float32 reciprocal: on inputs
+    within a few ulps of the ``.5`` boundaries, where the two disagree, the op follows the
+    reciprocal (the numerics the NumPy references and the integer codes assume on CPU)."""
     s = np.float32(0.3)
     mids = ((np.arange(-8, 8) + 0.5) * s).astype(np.float32)
     x = np.concatenate([mids + np.float32(d) * np.spacing(mids) for d in range(-4, 5)])

@@ -24,20 +24,19 @@ Gradients (``inside`` means ``qmin <= v <= qmax``, i.e. clamp-then-round as in L
 The step and offset gradients are multiplied by the gradient scale ``g`` (LSQ's
 ``1/sqrt(N * Qp)`` or any other choice, see :func:`grad_scale_value`).
 
-Rounding: ``v`` is computed as ``(x - beta) * (1/s)`` with the float32 reciprocal of the step,
-not as ``(x - beta) / s``. The two may differ by an ulp of ``v``, so an ``x`` within about an
-ulp of a ``.5`` boundary can round to the neighbouring grid point: one step, rare, and most
-likely at high bit widths where ``v`` has few fractional bits. XLA's algebraic simplifier
-already turns a divide by a broadcast step into this multiply, so on XLA:CPU the values are
-the same as with ``/``; written out, the form holds on every backend, and the scalar
-reciprocal stays outside the elementwise loops, which lets XLA fuse ``v`` into each consumer
-instead of materialising it. The integer model (``QArray`` codes) computes its grid integers
-the same way, so codes and fake-quant values stay bit-identical.
+Rounding: ``v`` is written ``(x - beta) / s``; XLA:CPU compiles a divide by a broadcast step
+as a multiply by its float32 reciprocal, which can differ from the exact quotient by an ulp
+of ``v`` (an ``x`` within about an ulp of a ``.5`` boundary may round to the neighbouring
+grid point: one step, rare, most likely at high bit widths). The integer model computes its
+grid integers with the same ops, so codes and fake-quant values stay bit-identical. Writing
+the reciprocal multiply out instead made XLA:CPU's compile of a W8A8 QAT step of opt-125m
+3.5x slower and the step 1.9x slower (the divide keeps ``v`` fusable with the range's
+reduction).
 
-Backward: only ``x`` is saved; ``v``, the mask and ``round(v)`` are recomputed. Where a sum
-runs over the last axis (per-tensor, per-token, per-head steps) the step and offset sums are
-one variadic reduction fused with the per-element terms (no full-size temporary on XLA:CPU),
-rows first, then the row sums.
+Backward: only ``v`` is saved (the clip mask for frozen quantizers, :func:`ste_quant`); the
+mask and ``round(v)`` are recomputed. Where a sum runs over the last axis (per-tensor,
+per-token, per-head steps) the step and offset sums are one variadic reduction fused with
+the per-element terms (no full-size temporary on XLA:CPU), rows first, then the row sums.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 __all__ = [
     "round_ste",
     "uniform_quant",
+    "ste_quant",
     "binary_quant",
     "grid_bounds",
     "sum_to_shape",
@@ -119,7 +119,7 @@ def _fused_sums(parts: tuple[jax.Array, ...], shape: tuple[int, ...]) -> tuple[j
 
 @jax.custom_vjp
 def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
-    """Uniform fake quant ``clip(round((x - offset) * (1/scale)), qmin, qmax) * scale + offset``.
+    """Uniform fake quant ``clip(round((x - offset) / scale), qmin, qmax) * scale + offset``.
 
     Args:
       x: any shape.
@@ -129,20 +129,21 @@ def uniform_quant(x, scale, offset, qmin, qmax, grad_scale):
       grad_scale: multiplier of the ``scale``/``offset`` gradients, a scalar or broadcastable
         to ``scale`` (one per step, e.g. ``weight_l1`` per channel).
     """
-    v = (x - offset) * (1 / scale)
+    v = (x - offset) / scale
     return jnp.clip(jnp.round(v), qmin, qmax) * scale + offset
 
 
 def _uniform_fwd(x, scale, offset, qmin, qmax, grad_scale):
-    # Only x is saved: v, the clip mask and round(v) are recomputed in the backward pass,
-    # where they fuse into the consumers (no full-size residual besides x).
-    y = uniform_quant(x, scale, offset, qmin, qmax, grad_scale)
-    return y, (x, scale, offset, qmin, qmax, grad_scale)
+    # Only v is saved: the clip mask and round(v) are recomputed from it in the backward
+    # pass, where they fuse into the consumers. Saving x instead would let XLA duplicate x's
+    # producer (a LayerNorm, a residual sum) into the backward pass.
+    v = (x - offset) / scale
+    y = jnp.clip(jnp.round(v), qmin, qmax) * scale + offset
+    return y, (v, scale, offset, qmin, qmax, grad_scale)
 
 
 def _uniform_bwd(res, ct):
-    x, scale, offset, qmin, qmax, grad_scale = res
-    v = (x - offset) * (1 / scale)
+    v, scale, offset, qmin, qmax, grad_scale = res
     q = jnp.clip(jnp.round(v), qmin, qmax)
     inside = (v >= qmin) & (v <= qmax)
     zero = jnp.zeros_like(ct)
@@ -177,6 +178,32 @@ def _uniform_bwd(res, ct):
 
 
 uniform_quant.defvjp(_uniform_fwd, _uniform_bwd)
+
+
+@jax.custom_vjp
+def ste_quant(x, scale, qmin, qmax):
+    """Frozen uniform fake quant ``clip(round(x / scale), qmin, qmax) * scale``: the
+    values of ``uniform_quant(x, scale, 0, qmin, qmax, g)``, with the clipped STE in ``x``
+    alone (``d/dx = 1`` inside the grid, 0 outside) and no step or offset gradient, so a
+    frozen quantizer traces no gradient sums at all."""
+    return jnp.clip(jnp.round(x / scale), qmin, qmax) * scale
+
+
+def _ste_fwd(x, scale, qmin, qmax):
+    # the mask is saved (one byte an element), not x: recomputing it from x in the backward
+    # pass lets XLA duplicate x's producer (a LayerNorm, a residual sum) into the backward
+    v = x / scale
+    inside = (v >= qmin) & (v <= qmax)
+    return jnp.clip(jnp.round(v), qmin, qmax) * scale, (inside, scale, qmin, qmax)
+
+
+def _ste_bwd(res, ct):
+    inside, scale, qmin, qmax = res
+    zeros = (jnp.zeros_like(scale), jnp.zeros_like(qmin), jnp.zeros_like(qmax))
+    return (jnp.where(inside, ct, jnp.zeros_like(ct)), *zeros)
+
+
+ste_quant.defvjp(_ste_fwd, _ste_bwd)
 
 
 @jax.custom_vjp

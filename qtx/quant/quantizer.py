@@ -351,11 +351,11 @@ class QuantPoint(nn.Module):
         if not self._integer(spec, view, name):
             return out
         if learn:  # the grid integers of uniform_quant, and LSQ+'s offset
-            k = jnp.clip(jnp.round((xv - offset) * (1 / scale)), qmin, qmax)
+            k = jnp.clip(jnp.round((xv - offset) / scale), qmin, qmax)
             q = dict(scale=scale, k=k, z=None, offset=offset if spec.learn == "lsq+" else None)
         else:  # fake_quant_range's shifted grid qmin - z .. qmax - z, z = 0 unless asymmetric
             s, z = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
-            k = jnp.clip(jnp.round(xv * (1 / s)), qmin - z, qmax - z)
+            k = jnp.clip(jnp.round(xv / s), qmin - z, qmax - z)
             q = dict(scale=s, k=k, z=z if spec.scheme == "asymmetric" else None, offset=None)
         return self._qarray(xv, out, spec, {**q, "qmax": qmax})
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qtx.errors import UserError
-from qtx.quant.primitives import grid_bounds, uniform_quant
+from qtx.quant.primitives import grid_bounds, ste_quant
 from qtx.quant.spec import QuantSpec
 
 
@@ -147,5 +147,4 @@ def fake_quant_range(x: jax.Array, lo, hi, spec: QuantSpec) -> jax.Array:
     """
     qmin, qmax = grid_bounds(spec.bits, spec.scheme)
     s, z = jax.lax.stop_gradient(qparams_from_range(lo, hi, spec))
-    zero = jnp.zeros((), jnp.float32)
-    return uniform_quant(x, s, zero, qmin - z, qmax - z, zero)
+    return ste_quant(x, s, qmin - z, qmax - z)
