@@ -304,5 +304,7 @@ def test_smoothed_bert_runs_as_an_integer_model():
     fq = build(cfg2, plan).apply(variables, **x)
     twin = build(cfg2, int_models.fake_twin(iplan)).apply(int_vars, **x)
     out = build(cfg2, iplan).apply(int_vars, **x)
-    np.testing.assert_allclose(twin["logits"], fq["logits"], rtol=1e-5, atol=1e-5)
+    # up to the MLM head: the tied head of the converted models reads the int8 table
+    hidden = "last_hidden_state"
+    np.testing.assert_allclose(twin[hidden], fq[hidden], rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(np.asarray(out["logits"])))
