@@ -206,7 +206,7 @@ def test_lsq_backward_keeps_no_full_size_temporary(s_shape):
     """Forward + backward of a learnable step and offset (per tensor or per row) read ``x``
     and the cotangent and write ``y`` and ``dx``: ``v``, the clip mask and the per-element
     step gradient fuse into those loops and into the sums, so XLA keeps no temporary of
-    ``x``'s size (a divide would be materialised once, a plain reduce's operand too)."""
+    ``x``'s size (a plain reduce's operand would be materialised)."""
     x = jnp.ones((256, 256), jnp.float32)
     s, beta = jnp.full(s_shape, 0.3), jnp.full(s_shape, 0.1)
 
@@ -216,8 +216,7 @@ def test_lsq_backward_keeps_no_full_size_temporary(s_shape):
         return y, *pull(ct)
 
     mem = jax.jit(fwd_bwd).lower(x, x, s, beta).compile().memory_analysis()
-    if mem is None:
-        pytest.skip("no memory analysis on this backend")
+    assert mem is not None  # XLA:CPU reports it
     assert mem.temp_size_in_bytes < x.nbytes // 8
 
 
